@@ -1,0 +1,37 @@
+"""The ``dash-db`` command line: a thin shell over the library (it never writes SQL of its own)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from dash_storage.cli import server
+from dash_storage.cli.common import fail
+from dash_storage.errors import DashStorageError
+
+app = typer.Typer(
+    name="dash-db",
+    help="Manage the Dash PostgreSQL store: start/stop the database, migrate, import, inspect.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+app.command("up")(server.up)
+app.command("down")(server.down)
+app.command("doctor")(server.doctor)
+
+
+def run() -> None:
+    """Console-script entry point: exit 0 ok, 1 failure, 2 usage error."""
+    try:
+        app()
+    except DashStorageError as exc:
+        raise SystemExit(fail(str(exc)).exit_code) from None
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    run()

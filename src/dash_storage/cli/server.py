@@ -1,0 +1,162 @@
+"""``dash-db up``, ``down`` and ``doctor``: where the database is and whether it answers."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import asdict
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from dash_storage import embedded
+from dash_storage.cli.common import console, fail, print_json, run
+from dash_storage.config import Settings, load_settings
+from dash_storage.database import Database
+from dash_storage.errors import DashStorageError
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+
+
+def docker_available() -> bool:
+    """True when a Docker engine answers (not merely when the client is installed)."""
+    if shutil.which("docker") is None:
+        return False
+    try:
+        done = subprocess.run(
+            ["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def up(json_out: JsonOpt = False) -> None:
+    """Start PostgreSQL: docker compose (postgres, redis) if a Docker engine answers, else embedded."""
+    settings = load_settings()
+    if docker_available():
+        done = subprocess.run(["docker", "compose", "up", "-d", "postgres", "redis"], check=False)
+        if done.returncode != 0:
+            raise fail("docker compose up failed (see its output above)")
+        info: dict[str, Any] = {"mode": "docker", "connect": "POSTGRES_HOST=127.0.0.1 POSTGRES_PORT=5432"}
+    else:
+        server = embedded.start(settings.dash_data_dir)
+        info = {
+            "mode": "embedded",
+            "pgdata": str(server.pgdata),
+            "pid": server.pid,
+            "url": server.url(settings.postgres_db),
+            "connect": "leave DATABASE_URL and POSTGRES_HOST unset: dash-storage uses this server",
+        }
+    if json_out:
+        print_json(info)
+        return
+    if info["mode"] == "docker":
+        console.print("[green]PostgreSQL and Redis started with docker compose.[/]")
+        console.print(f"Connect with: {info['connect']} (then run [bold]dash-db migrate[/])")
+    else:
+        console.print(f"[green]Embedded PostgreSQL running[/] (pid {info['pid']}, data in {info['pgdata']}).")
+        console.print(f"psql-style URL: {info['url']}")
+        console.print(
+            "Leave DATABASE_URL and POSTGRES_HOST unset and dash-storage uses it; "
+            "[bold]dash-db down[/] stops it."
+        )
+
+
+def down(json_out: JsonOpt = False) -> None:
+    """Stop what ``dash-db up`` started (docker compose services, or the embedded server)."""
+    settings = load_settings()
+    if docker_available():
+        done = subprocess.run(["docker", "compose", "down"], check=False)
+        if done.returncode != 0:
+            raise fail("docker compose down failed (see its output above)")
+        result: dict[str, Any] = {"mode": "docker", "stopped": True}
+    else:
+        result = {"mode": "embedded", "stopped": embedded.stop(settings.dash_data_dir)}
+    if json_out:
+        print_json(result)
+    elif result["mode"] == "embedded":
+        console.print(
+            "Embedded PostgreSQL stopped." if result["stopped"] else "Embedded PostgreSQL was not running."
+        )
+    else:
+        console.print("docker compose services stopped.")
+
+
+async def _doctor(settings: Settings) -> dict[str, Any]:
+    report: dict[str, Any] = {"target": settings.target, "settings": settings.describe()}
+    db = Database(settings)
+    try:
+        await db.initialize()
+    except DashStorageError as exc:
+        report["connected"] = False
+        report["error"] = str(exc)
+        return report
+    try:
+        if db.embedded_server is not None:
+            report["embedded"] = {
+                "pgdata": str(db.embedded_server.pgdata),
+                "pid": db.embedded_server.pid,
+                "socket_dir": str(db.embedded_server.socket_dir),
+            }
+        health = await db.health_check()
+        report["connected"] = health.ok
+        report["health"] = asdict(health)
+        report["pool"] = asdict(db.stats())
+        report["migrations"] = await _migration_state(db)
+    finally:
+        await db.close()
+    return report
+
+
+async def _migration_state(db: Database) -> dict[str, Any]:
+    try:
+        from dash_storage.migrations.runner import MigrationRunner
+    except ImportError:
+        return {"available": False}
+    try:
+        runner = MigrationRunner(db)
+        entries = await runner.status()
+    except DashStorageError as exc:
+        return {"error": str(exc)}
+    counts: dict[str, int] = {}
+    for entry in entries:
+        counts[entry.state] = counts.get(entry.state, 0) + 1
+    return counts
+
+
+def doctor(json_out: JsonOpt = False) -> None:
+    """Show the configuration (secrets hidden), server version, pool and migration state."""
+    settings = load_settings()
+    report = run(_doctor(settings))
+    if json_out:
+        print_json(report)
+    else:
+        table = Table(title="configuration", show_header=True)
+        table.add_column("variable")
+        table.add_column("value")
+        for key, value in report["settings"].items():
+            table.add_row(key, value)
+        console.print(table)
+        console.print(f"target: [bold]{report['target']}[/]")
+        if "embedded" in report:
+            console.print(
+                f"embedded server: pid {report['embedded']['pid']}, data {report['embedded']['pgdata']}"
+            )
+        if report.get("connected"):
+            h = report["health"]
+            console.print(
+                f"[green]connected[/] to {h['database']} on PostgreSQL {h['server_version']} "
+                f"({h['latency_ms']:.1f} ms)"
+            )
+            p = report["pool"]
+            console.print(
+                f"pool: size {p['size']}, idle {p['idle']}, in use {p['in_use']}, "
+                f"waiting {p['waiting']}, min {p['min']}, max {p['max']}"
+            )
+            console.print(f"migrations: {report['migrations']}")
+        else:
+            console.print(f"[red]cannot connect:[/] {report.get('error', report.get('health'))}")
+    if not report.get("connected"):
+        raise typer.Exit(1)

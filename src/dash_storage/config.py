@@ -1,0 +1,214 @@
+"""Settings, read once from the environment and a ``.env`` file in the working directory.
+
+The environment wins over ``.env``. Every value is validated when the settings are built; a bad
+value raises :class:`~dash_storage.errors.ConfigurationError` naming the variable. Secrets
+(POSTGRES_PASSWORD, DATABASE_URL, REDIS_URL credentials) never appear in ``repr()`` or messages.
+"""
+
+from __future__ import annotations
+
+import ssl as ssl_module
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import platformdirs
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import ValidationError as PydanticValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dash_storage.errors import ConfigurationError, register_secret, scrub
+
+__all__ = ["SSL_MODES", "Settings", "load_settings"]
+
+SSL_MODES = ("disable", "require", "verify-ca", "verify-full")
+_SSL_ALIASES = {
+    "false": "disable",
+    "0": "disable",
+    "no": "disable",
+    "off": "disable",
+    "true": "verify-full",
+    "1": "verify-full",
+    "yes": "verify-full",
+    "on": "verify-full",
+}
+
+Target = Literal["server", "embedded"]
+
+
+class Settings(BaseSettings):
+    """Every configuration variable of dash-storage, with its default."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        env_ignore_empty=True,
+        case_sensitive=False,
+        frozen=True,
+        hide_input_in_errors=True,
+    )
+
+    postgres_host: str | None = None
+    postgres_port: int = Field(5432, ge=1, le=65535)
+    postgres_db: str = Field("dash", min_length=1, max_length=63)
+    postgres_user: str = Field("dash", min_length=1, max_length=63)
+    postgres_password: SecretStr = SecretStr("dash")
+    postgres_ssl: str = "false"
+    postgres_ssl_root_cert: Path | None = None
+    postgres_min_pool_size: int = Field(2, ge=0, le=1000)
+    postgres_max_pool_size: int = Field(20, ge=1, le=1000)
+    postgres_connection_timeout: int = Field(5000, ge=1, le=3_600_000)
+    postgres_idle_timeout: int = Field(30000, ge=0, le=86_400_000)
+    postgres_retry_attempts: int = Field(3, ge=0, le=100)
+    postgres_retry_delay: int = Field(1000, ge=0, le=600_000)
+    database_url: SecretStr | None = None
+    dash_data_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_data_dir("dash-storage")))
+    dash_migrations_dir: Path | None = None
+    redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
+
+    @field_validator("postgres_ssl")
+    @classmethod
+    def _check_ssl(cls, value: str) -> str:
+        mode = _SSL_ALIASES.get(value.strip().lower(), value.strip().lower())
+        if mode not in SSL_MODES:
+            raise ValueError(f"must be true, false or one of {', '.join(SSL_MODES)}")
+        return mode
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in ("postgres", "postgresql"):
+            raise ValueError("must start with postgresql:// or postgres://")
+        return value
+
+    @field_validator("dash_migrations_dir")
+    @classmethod
+    def _check_migrations_dir(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError("must be an existing directory")
+        return value
+
+    @field_validator("postgres_ssl_root_cert")
+    @classmethod
+    def _check_root_cert(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError("must be an existing file")
+        return value
+
+    @model_validator(mode="after")
+    def _check_pool(self) -> Settings:
+        if self.postgres_max_pool_size < self.postgres_min_pool_size:
+            raise ValueError(
+                f"POSTGRES_MAX_POOL_SIZE ({self.postgres_max_pool_size}) is below "
+                f"POSTGRES_MIN_POOL_SIZE ({self.postgres_min_pool_size})"
+            )
+        register_secret(self.postgres_password.get_secret_value())
+        if self.database_url is not None:
+            register_secret(urlsplit(self.database_url.get_secret_value()).password)
+        register_secret(urlsplit(self.redis_url.get_secret_value()).password)
+        return self
+
+    # -- derived values -------------------------------------------------------------------------
+
+    @property
+    def target(self) -> Target:
+        """``server`` when DATABASE_URL or POSTGRES_HOST names a server, else ``embedded``."""
+        return "server" if (self.database_url is not None or self.postgres_host) else "embedded"
+
+    @property
+    def connection_timeout_s(self) -> float:
+        return self.postgres_connection_timeout / 1000.0
+
+    @property
+    def idle_timeout_s(self) -> float:
+        return self.postgres_idle_timeout / 1000.0
+
+    @property
+    def retry_delay_s(self) -> float:
+        return self.postgres_retry_delay / 1000.0
+
+    @property
+    def migrations_dir(self) -> Path | None:
+        return self.dash_migrations_dir
+
+    def ssl_context(self) -> ssl_module.SSLContext | bool:
+        """The ``ssl`` argument for asyncpg: False, or a context that verifies as the mode says."""
+        mode = self.postgres_ssl
+        if mode == "disable":
+            return False
+        cafile = str(self.postgres_ssl_root_cert) if self.postgres_ssl_root_cert else None
+        ctx = ssl_module.create_default_context(cafile=cafile)
+        if mode == "require":
+            # libpq semantics: encrypt, do not verify (chosen explicitly by the user).
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl_module.CERT_NONE
+        elif mode == "verify-ca":
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl_module.CERT_REQUIRED
+        return ctx
+
+    def connect_kwargs(self, *, database: str | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``asyncpg.connect``/``create_pool`` for the configured server."""
+        kwargs: dict[str, Any] = {"timeout": self.connection_timeout_s}
+        if self.database_url is not None:
+            kwargs["dsn"] = self.database_url.get_secret_value()
+            if self.postgres_ssl != "disable":
+                kwargs["ssl"] = self.ssl_context()
+            if database:
+                kwargs["database"] = database
+            return kwargs
+        kwargs.update(
+            host=self.postgres_host,
+            port=self.postgres_port,
+            user=self.postgres_user,
+            password=self.postgres_password.get_secret_value(),
+            database=database or self.postgres_db,
+            ssl=self.ssl_context(),
+        )
+        return kwargs
+
+    def database_name(self) -> str:
+        if self.database_url is not None:
+            path = urlsplit(self.database_url.get_secret_value()).path.lstrip("/")
+            return path or self.postgres_db
+        return self.postgres_db
+
+    def describe(self) -> dict[str, str]:
+        """Every setting as text for display, with secrets hidden."""
+        out: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                raw = value.get_secret_value()
+                text = scrub(raw) if name in ("database_url", "redis_url") else ("***" if raw else "")
+            elif value is None:
+                text = "-"
+            else:
+                text = str(value)
+            out[name.upper()] = text
+        return out
+
+    def __repr_args__(self) -> Any:
+        # SecretStr already hides itself; scrub the rest in case a secret is embedded elsewhere.
+        for key, value in super().__repr_args__():
+            yield key, (scrub(value) if isinstance(value, str) else value)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build and validate the settings; raise ConfigurationError naming the first bad variable."""
+    try:
+        return Settings(**overrides)
+    except PydanticValidationError as exc:
+        problems = []
+        first: str | None = None
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ()) if p != "__root__"]
+            var = loc[0].upper() if loc else None
+            first = first or var
+            msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+            problems.append(f"{var}: {msg}" if var else msg)
+        raise ConfigurationError("invalid configuration: " + "; ".join(problems), variable=first) from None

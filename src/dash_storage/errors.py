@@ -1,0 +1,241 @@
+"""The exception hierarchy of dash-storage and the ONE place where driver errors are mapped to it.
+
+Every error that leaves the package is a :class:`DashStorageError`. Errors that come from asyncpg
+(or from the socket under it) are translated by :func:`map_error`, which keeps the original
+exception as ``__cause__`` so nothing is lost for debugging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import asyncpg
+
+__all__ = [
+    "ConfigurationError",
+    "ConflictError",
+    "DashStorageError",
+    "DatabaseError",
+    "DatabaseUnavailableError",
+    "InvalidTransitionError",
+    "MigrationError",
+    "NotFoundError",
+    "PoolExhaustedError",
+    "SerializationConflictError",
+    "TransientError",
+    "ValidationError",
+    "is_driver_error",
+    "is_transient",
+    "map_error",
+    "register_secret",
+    "scrub",
+]
+
+# Secrets (passwords, full DSNs) that must never appear in a message. Filled by the settings
+# object when it is created, so every message built here can be scrubbed.
+_SECRETS: set[str] = set()
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*):(?P<pw>[^@\s]+)@")
+
+
+def register_secret(value: str | None) -> None:
+    """Remember a secret so that :func:`scrub` removes it from any text."""
+    if value and len(value) >= 2:
+        _SECRETS.add(value)
+
+
+def scrub(text: str) -> str:
+    """Remove every registered secret, and any ``user:password@`` part of a URL, from ``text``."""
+    text = _URL_PASSWORD.sub(r"\g<scheme>:***@", text)
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
+class DashStorageError(Exception):
+    """Base class of every error raised by dash-storage."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(scrub(message))
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigurationError(DashStorageError):
+    """A setting (environment variable or ``.env`` entry) is invalid."""
+
+    def __init__(self, message: str, *, variable: str | None = None) -> None:
+        super().__init__(message)
+        self.variable = variable
+
+
+class TransientError(DashStorageError):
+    """A failure that may go away on its own (connection lost, overload, serialization conflict)."""
+
+
+class DatabaseUnavailableError(TransientError):
+    """The server cannot be reached, refused the connection, or the connection was lost."""
+
+
+class SerializationConflictError(TransientError):
+    """A serialization failure or deadlock that persisted through every retry."""
+
+
+class PoolExhaustedError(DashStorageError):
+    """No connection became free within the acquire timeout."""
+
+    def __init__(self, *, max_size: int, timeout_ms: int, in_use: int, waiting: int) -> None:
+        super().__init__(
+            f"connection pool exhausted: all {max_size} connections stayed in use for {timeout_ms} ms "
+            f"({in_use} in use, {waiting} waiting). Fix: raise POSTGRES_MAX_POOL_SIZE (now {max_size}), "
+            "or look for connection leaks (connections held across long awaits, transactions left open); "
+            "POSTGRES_CONNECTION_TIMEOUT sets how long to wait."
+        )
+        self.max_size = max_size
+        self.timeout_ms = timeout_ms
+
+
+class NotFoundError(DashStorageError):
+    """The row an operation needs does not exist."""
+
+    def __init__(self, entity: str, key: object) -> None:
+        super().__init__(f"{entity} {key} not found")
+        self.entity = entity
+        self.key = key
+
+
+class ConflictError(DashStorageError):
+    """A uniqueness or reference constraint rejected the write."""
+
+    def __init__(self, message: str, *, constraint: str | None = None) -> None:
+        super().__init__(message)
+        self.constraint = constraint
+
+
+class ValidationError(DashStorageError, ValueError):
+    """Input was rejected before it reached the database. ``field`` names what was wrong."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"invalid {field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class InvalidTransitionError(DashStorageError):
+    """A state change is not allowed from the row's current state."""
+
+    def __init__(self, entity: str, key: object, current: str | None, requested: str) -> None:
+        super().__init__(f"{entity} {key}: cannot {requested} from state {current!r}")
+        self.entity = entity
+        self.key = key
+        self.current = current
+        self.requested = requested
+
+
+class MigrationError(DashStorageError):
+    """A migration could not be applied, or the migration history does not match the files."""
+
+    def __init__(self, message: str, *, migration: str | None = None) -> None:
+        super().__init__(message)
+        self.migration = migration
+
+
+class DatabaseError(DashStorageError):
+    """Any other error reported by the server (syntax, permissions, data exceptions)."""
+
+    def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+# SQLSTATEs that mean "try again later"; see retry.py for which of them are retried.
+_UNAVAILABLE_SQLSTATES = frozenset(
+    {"57P01", "57P02", "57P03", "53300", "08000", "08003", "08006", "08001", "08004"}
+)
+_SERIALIZATION_SQLSTATES = frozenset({"40001", "40P01"})
+_CLOSED_MESSAGES = ("connection is closed", "connection was closed", "underlying connection is closed")
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    state = getattr(exc, "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when ``exc`` (a driver or mapped error) is worth retrying."""
+    if isinstance(exc, TransientError):
+        return True
+    if isinstance(exc, DashStorageError):
+        return False
+    state = _sqlstate(exc)
+    if state is not None and (state in _UNAVAILABLE_SQLSTATES or state in _SERIALIZATION_SQLSTATES):
+        return True
+    if isinstance(exc, asyncpg.PostgresConnectionError | ConnectionError):
+        return True
+    if isinstance(exc, asyncpg.InterfaceError):
+        text = str(exc)
+        return any(m in text for m in _CLOSED_MESSAGES)
+    # A socket error below the driver (refused, reset, unreachable).
+    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | PermissionError)
+
+
+def is_driver_error(exc: BaseException) -> bool:
+    """True for errors raised by asyncpg or the network under it (what :func:`map_error` is for)."""
+    return isinstance(
+        exc,
+        asyncpg.PostgresError | asyncpg.InterfaceError | asyncpg.InternalClientError | OSError | TimeoutError,
+    )
+
+
+def map_error(exc: BaseException, *, context: str | None = None) -> DashStorageError:
+    """Translate any exception raised while talking to PostgreSQL into a DashStorageError.
+
+    Callers raise the result ``from exc`` so the driver's exception stays available as the cause.
+    """
+    if isinstance(exc, DashStorageError):
+        return exc
+    prefix = f"{context}: " if context else ""
+    state = _sqlstate(exc)
+    detail = _describe(exc)
+    if state in _SERIALIZATION_SQLSTATES:
+        return SerializationConflictError(f"{prefix}{detail}")
+    if is_transient(exc):
+        return DatabaseUnavailableError(f"{prefix}database unavailable: {detail}")
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return DatabaseUnavailableError(f"{prefix}timed out waiting for the database")
+    if state is not None:
+        constraint = getattr(exc, "constraint_name", None)
+        if state == "23505":
+            return ConflictError(f"{prefix}already exists: {detail}", constraint=constraint)
+        if state == "23503":
+            return ConflictError(
+                f"{prefix}referenced row missing or still referenced: {detail}", constraint=constraint
+            )
+        if state in (
+            "23514",
+            "23502",
+            "22P02",
+            "22003",
+            "22001",
+            "22007",
+            "22008",
+            "22023",
+            "22P05",
+            "22021",
+        ):
+            column = getattr(exc, "column_name", None) or constraint or "value"
+            return ValidationError(str(column), f"{prefix}{detail}")
+        return DatabaseError(f"{prefix}{detail}", sqlstate=state)
+    return DatabaseError(f"{prefix}{type(exc).__name__}: {detail}")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    detail: Any = getattr(exc, "detail", None)
+    if detail:
+        text = f"{text} ({detail})"
+    return text

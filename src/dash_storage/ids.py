@@ -1,0 +1,36 @@
+"""Client-generated ids: UUIDv7 (RFC 9562), time-ordered so new rows land at the right edge of the
+primary-key index, and known before the INSERT so that a retried create can never add a second row."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+
+__all__ = ["new_id"]
+
+_lock = threading.Lock()
+_last_ms = 0
+_counter = 0
+
+
+def new_id() -> uuid.UUID:
+    """A new UUIDv7: 48-bit Unix milliseconds, then a 12-bit counter (monotonic within a
+    millisecond in this process), then 62 random bits."""
+    global _last_ms, _counter
+    with _lock:
+        ms = time.time_ns() // 1_000_000
+        if ms > _last_ms:
+            _last_ms = ms
+            _counter = int.from_bytes(os.urandom(2), "big") & 0x3FF  # leave room to count up
+        else:
+            _counter += 1
+            if _counter > 0xFFF:  # counter overflow: borrow the next millisecond
+                _last_ms += 1
+                _counter = 0
+            ms = _last_ms
+        counter = _counter
+    rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand
+    return uuid.UUID(int=value)

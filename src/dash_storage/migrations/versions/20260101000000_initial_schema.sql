@@ -1,0 +1,287 @@
+-- Migration: initial_schema
+-- Created: 2026-01-01T00:00:00Z
+
+-- Dash storage, first schema: swarms, agents, events, sessions, budgets, budget_ledger and the
+-- three reporting views. The runner wraps this file in one transaction and creates _migrations
+-- itself. Needs PostgreSQL 13+ (gen_random_uuid() and min_scale() are built in).
+--
+-- Money: unconstrained NUMERIC plus a CHECK, not NUMERIC(p,s). A typmod such as NUMERIC(24,10)
+-- silently ROUNDS a finer value on the way in (also inside `consumed = consumed + $1`), so a
+-- charge of 0.00000000001 would be stored as 0 and an agent could spend forever for free. The
+-- CHECK below keeps the same limits as NUMERIC(24,10) -- at most 10 decimal places (per-token
+-- prices such as $0.015 per million tokens = 1.5e-8 need 9) and below 10^14 -- but REJECTS a
+-- value that does not fit instead of rounding it. The upper bound also rejects 'NaN' and
+-- 'Infinity', which would otherwise pass `consumed <= allocated` (NaN sorts above everything).
+-- min_scale() ignores trailing zeros, so 1.500000000000 is accepted.
+
+CREATE FUNCTION dash_set_updated_at() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.updated_at := now();
+    RETURN NEW;
+END;
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- swarms
+-- ---------------------------------------------------------------------------------------------
+CREATE TABLE swarms (
+    id           UUID        PRIMARY KEY DEFAULT gen_random_uuid(),
+    name         TEXT        NOT NULL,
+    config       JSONB       NOT NULL DEFAULT '{}',
+    status       TEXT        NOT NULL DEFAULT 'creating',
+    created_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+    completed_at TIMESTAMPTZ,
+    CONSTRAINT swarms_status_check CHECK (status IN
+        ('creating', 'active', 'scaling', 'paused', 'completed', 'failed', 'destroyed'))
+);
+
+-- why: SwarmRepository.find_by_name (names are not unique, so a plain btree).
+CREATE INDEX swarms_name_idx ON swarms (name);
+-- No index on status: a handful of values over a small table; list(status=...) scans cheaply.
+
+CREATE TRIGGER swarms_set_updated_at BEFORE UPDATE ON swarms
+    FOR EACH ROW EXECUTE FUNCTION dash_set_updated_at();
+
+-- ---------------------------------------------------------------------------------------------
+-- agents
+-- ---------------------------------------------------------------------------------------------
+CREATE TABLE agents (
+    id                UUID        PRIMARY KEY DEFAULT gen_random_uuid(),
+    swarm_id          UUID        NOT NULL REFERENCES swarms (id) ON DELETE CASCADE,
+    label             TEXT,
+    status            TEXT        NOT NULL DEFAULT 'pending',
+    lifecycle_state   TEXT        NOT NULL DEFAULT 'initializing',
+    model             TEXT,
+    task              TEXT,
+    config            JSONB       NOT NULL DEFAULT '{}',
+    context           JSONB,
+    code              JSONB,
+    reasoning         JSONB,
+    safety_boundaries JSONB,
+    spawned_at        TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at        TIMESTAMPTZ NOT NULL DEFAULT now(),
+    completed_at      TIMESTAMPTZ,
+    pause_time        TIMESTAMPTZ,
+    paused_by         TEXT,
+    runtime           BIGINT      NOT NULL DEFAULT 0,   -- milliseconds
+    retry_count       INTEGER     NOT NULL DEFAULT 0,
+    max_retries       INTEGER     NOT NULL DEFAULT 3,
+    last_error        TEXT,
+    budget_limit      NUMERIC,                          -- NULL = no per-agent limit; 0 is a limit
+    metadata          JSONB       NOT NULL DEFAULT '{}',
+    CONSTRAINT agents_status_check CHECK (status IN
+        ('pending', 'running', 'paused', 'completed', 'failed', 'blocked', 'killed')),
+    CONSTRAINT agents_lifecycle_state_check CHECK (lifecycle_state IN
+        ('initializing', 'spawning', 'running', 'pausing', 'paused', 'resuming', 'completing',
+         'failed', 'cleaning_up', 'destroyed')),
+    CONSTRAINT agents_runtime_check CHECK (runtime >= 0),
+    CONSTRAINT agents_retry_count_check CHECK (retry_count >= 0),
+    CONSTRAINT agents_max_retries_check CHECK (max_retries >= 0),
+    CONSTRAINT agents_budget_limit_check CHECK (budget_limit >= 0),
+    CONSTRAINT agents_budget_limit_precision_check CHECK
+        (budget_limit < 1e14 AND min_scale(budget_limit) <= 10),
+    -- metadata is merged with `||` (merge_metadata); that is only a merge for objects.
+    CONSTRAINT agents_metadata_check CHECK (jsonb_typeof(metadata) = 'object')
+);
+
+-- why: AgentRepository.find_by_swarm_id / delete_by_swarm_id / list(swarm_id=...), the
+-- swarm_summary per-swarm count, and the ON DELETE CASCADE lookup when a swarm is deleted.
+CREATE INDEX agents_swarm_id_idx ON agents (swarm_id);
+-- No index on status / lifecycle_state: get_counts_by_status reads every row anyway, and the
+-- per-swarm filters ride on agents_swarm_id_idx; a low-cardinality index would only slow writes.
+
+CREATE TRIGGER agents_set_updated_at BEFORE UPDATE ON agents
+    FOR EACH ROW EXECUTE FUNCTION dash_set_updated_at();
+
+-- ---------------------------------------------------------------------------------------------
+-- events (append-only log; every index here costs ingest speed)
+-- ---------------------------------------------------------------------------------------------
+CREATE TABLE events (
+    id              UUID        PRIMARY KEY DEFAULT gen_random_uuid(),
+    swarm_id        UUID        NOT NULL REFERENCES swarms (id) ON DELETE CASCADE,
+    agent_id        UUID        REFERENCES agents (id) ON DELETE SET NULL,
+    type            TEXT        NOT NULL,
+    payload         JSONB       NOT NULL DEFAULT '{}',
+    timestamp       TIMESTAMPTZ NOT NULL DEFAULT now(),
+    correlation_id  TEXT,
+    -- Deliberately no foreign key: the log is append-only and ingest must stay one cheap insert
+    -- (no parent lookup / lock per row, batches in any order, parents may be pruned by
+    -- delete_older_than while children remain).
+    parent_event_id UUID,
+    entity_type     TEXT        NOT NULL DEFAULT 'system',
+    severity        TEXT        NOT NULL DEFAULT 'info',
+    CONSTRAINT events_entity_type_check CHECK (entity_type IN ('agent', 'task', 'system')),
+    CONSTRAINT events_severity_check CHECK (severity IN
+        ('debug', 'info', 'warning', 'error', 'critical'))
+);
+
+-- why: EventRepository.find_by_filter(swarm_id, types, since/until, cursor on (timestamp, id)),
+-- find_by_swarm_id and get_timeline: equality on swarm_id then an ordered range on
+-- (timestamp, id), so keyset paging is a plain index range scan. Also serves the ON DELETE
+-- CASCADE lookup when a swarm is deleted.
+CREATE INDEX events_swarm_id_timestamp_idx ON events (swarm_id, timestamp, id);
+
+-- why: EventRepository.find_by_agent_id (ordered by time) and find_by_filter(agent_id=...);
+-- also the ON DELETE SET NULL lookup when an agent is deleted (agent_id = $1 implies NOT NULL,
+-- so the partial index qualifies). Partial: system events without an agent cost nothing here.
+CREATE INDEX events_agent_id_timestamp_idx ON events (agent_id, timestamp, id)
+    WHERE agent_id IS NOT NULL;
+
+-- why: get_stats(hours), event_stats_24h and delete_older_than select by time across all swarms;
+-- find_by_filter without swarm/agent pages by (timestamp, id). Btree, not BRIN: BRIN relies on
+-- physical order matching time, which caller-given timestamps (imports, backfills) break; it
+-- cannot return rows in order (global keyset paging, oldest-first delete batches); and after
+-- each delete batch its ranges still match, so every following batch rescans the dead rows,
+-- while btree marks them dead and skips them. Inserts are near-monotonic in time, so they
+-- append to the rightmost leaf and stay cheap.
+CREATE INDEX events_timestamp_idx ON events (timestamp, id);
+
+-- ---------------------------------------------------------------------------------------------
+-- sessions
+-- ---------------------------------------------------------------------------------------------
+CREATE TABLE sessions (
+    id             UUID        PRIMARY KEY DEFAULT gen_random_uuid(),
+    tree_data      JSONB       NOT NULL DEFAULT '{}',
+    current_branch TEXT,
+    metadata       JSONB       NOT NULL DEFAULT '{}',
+    created_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
+    expires_at     TIMESTAMPTZ,                         -- NULL = never expires
+    -- metadata is merged with `||` (merge_metadata); that is only a merge for objects.
+    CONSTRAINT sessions_metadata_check CHECK (jsonb_typeof(metadata) = 'object')
+);
+
+-- why: SessionRepository.cleanup_expired (expires_at <= now()). Partial: sessions that never
+-- expire are never candidates and need no entry.
+CREATE INDEX sessions_expires_at_idx ON sessions (expires_at) WHERE expires_at IS NOT NULL;
+
+-- why: SessionRepository.find_by_branch; without it every lookup scans all sessions, which
+-- pile up until cleanup_expired runs.
+CREATE INDEX sessions_current_branch_idx ON sessions (current_branch);
+
+CREATE TRIGGER sessions_set_updated_at BEFORE UPDATE ON sessions
+    FOR EACH ROW EXECUTE FUNCTION dash_set_updated_at();
+
+-- ---------------------------------------------------------------------------------------------
+-- budgets
+-- ---------------------------------------------------------------------------------------------
+CREATE TABLE budgets (
+    id          UUID        PRIMARY KEY DEFAULT gen_random_uuid(),
+    -- NULL only for budgets that belong to no swarm (e.g. a project budget).
+    swarm_id    UUID        REFERENCES swarms (id) ON DELETE CASCADE,
+    scope_type  TEXT        NOT NULL,
+    scope_id    UUID        NOT NULL,
+    allocated   NUMERIC     NOT NULL DEFAULT 0,
+    consumed    NUMERIC     NOT NULL DEFAULT 0,
+    currency    TEXT        NOT NULL DEFAULT 'USD',
+    max_tokens  BIGINT,                                 -- NULL = unlimited; 0 means zero tokens
+    used_tokens BIGINT      NOT NULL DEFAULT 0,
+    created_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    CONSTRAINT budgets_scope_type_check CHECK (scope_type IN ('swarm', 'agent', 'project')),
+    CONSTRAINT budgets_currency_check CHECK (currency IN ('USD', 'EUR', 'GBP', 'CAD')),
+    CONSTRAINT budgets_allocated_check CHECK (allocated >= 0),
+    CONSTRAINT budgets_consumed_check CHECK (consumed >= 0),
+    CONSTRAINT budgets_consumed_within_allocated_check CHECK (consumed <= allocated),
+    CONSTRAINT budgets_money_precision_check CHECK
+        (allocated < 1e14 AND min_scale(allocated) <= 10
+         AND consumed < 1e14 AND min_scale(consumed) <= 10),
+    CONSTRAINT budgets_used_tokens_check CHECK (used_tokens >= 0),
+    CONSTRAINT budgets_max_tokens_check CHECK (max_tokens IS NULL OR max_tokens >= 0),
+    CONSTRAINT budgets_used_tokens_within_max_check CHECK
+        (max_tokens IS NULL OR used_tokens <= max_tokens),
+    -- A swarm-scope budget is the budget OF its swarm: it must cascade with it and be what
+    -- swarm_summary finds.
+    CONSTRAINT budgets_swarm_scope_check CHECK (scope_type <> 'swarm' OR scope_id = swarm_id),
+    -- why (index): BudgetRepository.find_by_scope / get_usage_by_scope and swarm_summary's
+    -- swarm-scope lookup; also guarantees at most one budget per scope.
+    CONSTRAINT budgets_scope_unique UNIQUE (scope_type, scope_id)
+);
+
+-- why: BudgetRepository.find_by_swarm_id / get_swarm_budget_summary, and the ON DELETE CASCADE
+-- lookup when a swarm is deleted.
+CREATE INDEX budgets_swarm_id_idx ON budgets (swarm_id);
+
+CREATE TRIGGER budgets_set_updated_at BEFORE UPDATE ON budgets
+    FOR EACH ROW EXECUTE FUNCTION dash_set_updated_at();
+
+-- ---------------------------------------------------------------------------------------------
+-- budget_ledger: one row per accepted consumption; makes a retried consume charge once
+-- ---------------------------------------------------------------------------------------------
+CREATE TABLE budget_ledger (
+    id              UUID        PRIMARY KEY DEFAULT gen_random_uuid(),
+    budget_id       UUID        NOT NULL REFERENCES budgets (id) ON DELETE CASCADE,
+    tokens          BIGINT      NOT NULL DEFAULT 0,
+    cost            NUMERIC     NOT NULL DEFAULT 0,
+    idempotency_key TEXT        NOT NULL,
+    created_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+    CONSTRAINT budget_ledger_tokens_check CHECK (tokens >= 0),
+    CONSTRAINT budget_ledger_cost_check CHECK (cost >= 0),
+    CONSTRAINT budget_ledger_cost_precision_check CHECK (cost < 1e14 AND min_scale(cost) <= 10),
+    -- why (index): the idempotency lookup/ON CONFLICT of consume_budget, and (leading budget_id)
+    -- the ON DELETE CASCADE lookup when a budget is deleted. No other index needed.
+    CONSTRAINT budget_ledger_idempotency_unique UNIQUE (budget_id, idempotency_key)
+);
+
+-- ---------------------------------------------------------------------------------------------
+-- views
+-- ---------------------------------------------------------------------------------------------
+
+-- One row per swarm, always. Agents are aggregated in a LATERAL subquery (exactly one row per
+-- swarm) and the budget joined on the unique (scope_type, scope_id), so no join can multiply
+-- rows.
+CREATE VIEW swarm_summary AS
+SELECT
+    s.id,
+    s.name,
+    s.status,
+    s.created_at,
+    a.running_agents,
+    a.total_agents,
+    COALESCE(b.allocated, 0) AS budget_allocated,
+    COALESCE(b.consumed, 0)  AS budget_consumed,
+    CASE
+        WHEN COALESCE(b.allocated, 0) = 0 THEN 0::numeric
+        ELSE round(b.consumed * 100 / b.allocated, 2)
+    END AS budget_percentage
+FROM swarms s
+CROSS JOIN LATERAL (
+    SELECT
+        count(*) FILTER (WHERE ag.status = 'running') AS running_agents,
+        count(*)                                      AS total_agents
+    FROM agents ag
+    WHERE ag.swarm_id = s.id
+) a
+LEFT JOIN budgets b
+    ON b.scope_type = 'swarm' AND b.scope_id = s.id;
+
+CREATE VIEW agent_activity AS
+SELECT
+    ag.id,
+    ag.swarm_id,
+    s.name AS swarm_name,
+    ag.label,
+    ag.status,
+    ag.lifecycle_state,
+    ag.model,
+    ag.spawned_at,
+    ag.completed_at,
+    EXTRACT(EPOCH FROM COALESCE(ag.completed_at, now()) - ag.spawned_at) AS duration_seconds,
+    ag.retry_count,
+    ag.runtime
+FROM agents ag
+JOIN swarms s ON s.id = ag.swarm_id;
+
+CREATE VIEW event_stats_24h AS
+SELECT
+    e.type                     AS event_type,
+    count(*)                   AS event_count,
+    count(DISTINCT e.agent_id) AS unique_agents,
+    count(DISTINCT e.swarm_id) AS unique_swarms,
+    min(e.timestamp)           AS first_event,
+    max(e.timestamp)           AS last_event
+FROM events e
+WHERE e.timestamp >= now() - interval '24 hours'
+GROUP BY e.type;

@@ -1,0 +1,310 @@
+"""Records (immutable, typed) and the value sets of every enumerated column.
+
+Each record's fields are in the order of ``<RECORD>_COLUMNS``, so repositories select exactly those
+columns and build records positionally (``Swarm(*row)``), which is the cheapest way from an asyncpg
+row to an object.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass, fields
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+__all__ = [
+    "AGENT_COLUMNS",
+    "BUDGET_COLUMNS",
+    "EVENT_COLUMNS",
+    "LEDGER_COLUMNS",
+    "SESSION_COLUMNS",
+    "SWARM_COLUMNS",
+    "Agent",
+    "AgentActivity",
+    "AgentStatus",
+    "Budget",
+    "BudgetUsage",
+    "ConsumeResult",
+    "ConsumeStatus",
+    "Currency",
+    "EntityType",
+    "Event",
+    "EventStats",
+    "EventTypeStats",
+    "LedgerEntry",
+    "LifecycleState",
+    "ScopeType",
+    "Session",
+    "Severity",
+    "Swarm",
+    "SwarmBudgetSummary",
+    "SwarmStatus",
+    "SwarmSummary",
+]
+
+
+class SwarmStatus(StrEnum):
+    CREATING = "creating"
+    ACTIVE = "active"
+    SCALING = "scaling"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    DESTROYED = "destroyed"
+
+
+class AgentStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    BLOCKED = "blocked"
+    KILLED = "killed"
+
+
+class LifecycleState(StrEnum):
+    INITIALIZING = "initializing"
+    SPAWNING = "spawning"
+    RUNNING = "running"
+    PAUSING = "pausing"
+    PAUSED = "paused"
+    RESUMING = "resuming"
+    COMPLETING = "completing"
+    FAILED = "failed"
+    CLEANING_UP = "cleaning_up"
+    DESTROYED = "destroyed"
+
+
+class EntityType(StrEnum):
+    AGENT = "agent"
+    TASK = "task"
+    SYSTEM = "system"
+
+
+class Severity(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+    CRITICAL = "critical"
+
+
+class ScopeType(StrEnum):
+    SWARM = "swarm"
+    AGENT = "agent"
+    PROJECT = "project"
+
+
+class Currency(StrEnum):
+    USD = "USD"
+    EUR = "EUR"
+    GBP = "GBP"
+    CAD = "CAD"
+
+
+JSON = Any  # a JSON value as decoded by orjson (dict, list, str, int, float, bool, None)
+
+
+@dataclass(frozen=True, slots=True)
+class Swarm:
+    id: uuid.UUID
+    name: str
+    config: dict[str, JSON]
+    status: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    completed_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    id: uuid.UUID
+    swarm_id: uuid.UUID
+    label: str | None
+    status: str
+    lifecycle_state: str
+    model: str | None
+    task: str | None
+    config: dict[str, JSON]
+    context: JSON | None
+    code: JSON | None
+    reasoning: JSON | None
+    safety_boundaries: JSON | None
+    spawned_at: dt.datetime
+    updated_at: dt.datetime
+    completed_at: dt.datetime | None
+    pause_time: dt.datetime | None
+    paused_by: str | None
+    runtime: int
+    retry_count: int
+    max_retries: int
+    last_error: str | None
+    budget_limit: Decimal | None
+    metadata: dict[str, JSON]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: uuid.UUID
+    swarm_id: uuid.UUID
+    agent_id: uuid.UUID | None
+    type: str
+    payload: JSON
+    timestamp: dt.datetime
+    correlation_id: str | None
+    parent_event_id: uuid.UUID | None
+    entity_type: str
+    severity: str
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    id: uuid.UUID
+    tree_data: JSON
+    current_branch: str | None
+    metadata: dict[str, JSON]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    expires_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    id: uuid.UUID
+    swarm_id: uuid.UUID | None
+    scope_type: str
+    scope_id: uuid.UUID
+    allocated: Decimal
+    consumed: Decimal
+    currency: str
+    max_tokens: int | None
+    used_tokens: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    id: uuid.UUID
+    budget_id: uuid.UUID
+    tokens: int
+    cost: Decimal
+    idempotency_key: str
+    created_at: dt.datetime
+
+
+def _columns(cls: type) -> str:
+    return ", ".join(f.name if f.name != "timestamp" else '"timestamp"' for f in fields(cls))
+
+
+SWARM_COLUMNS = _columns(Swarm)
+AGENT_COLUMNS = _columns(Agent)
+EVENT_COLUMNS = _columns(Event)
+SESSION_COLUMNS = _columns(Session)
+BUDGET_COLUMNS = _columns(Budget)
+LEDGER_COLUMNS = _columns(LedgerEntry)
+
+
+# -- derived records ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmSummary:
+    """One row of the ``swarm_summary`` view."""
+
+    id: uuid.UUID
+    name: str
+    status: str
+    created_at: dt.datetime
+    running_agents: int
+    total_agents: int
+    budget_allocated: Decimal
+    budget_consumed: Decimal
+    budget_percentage: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class AgentActivity:
+    """One row of the ``agent_activity`` view."""
+
+    id: uuid.UUID
+    swarm_id: uuid.UUID
+    swarm_name: str
+    label: str | None
+    status: str
+    lifecycle_state: str
+    model: str | None
+    spawned_at: dt.datetime
+    completed_at: dt.datetime | None
+    duration_seconds: Decimal
+    retry_count: int
+    runtime: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventTypeStats:
+    """One row of the ``event_stats_24h`` view."""
+
+    event_type: str
+    event_count: int
+    unique_agents: int
+    unique_swarms: int
+    first_event: dt.datetime
+    last_event: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class EventStats:
+    """``EventRepository.get_stats(hours)``: totals over a window, from one consistent query."""
+
+    hours: float
+    total: int
+    by_type: dict[str, int]
+    by_severity: dict[str, int]  # every severity, zero-filled
+
+
+class ConsumeStatus(StrEnum):
+    GRANTED = "granted"
+    DUPLICATE = "duplicate"  # same idempotency key seen before: the first answer is repeated
+    INSUFFICIENT = "insufficient"  # not enough headroom (cost or tokens): nothing charged
+    NOT_FOUND = "not_found"
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumeResult:
+    """What ``BudgetRepository.try_consume`` did. ``granted`` is the seed's boolean answer."""
+
+    status: ConsumeStatus
+    budget_id: uuid.UUID
+    idempotency_key: str
+    budget: Budget | None = None
+
+    @property
+    def granted(self) -> bool:
+        return self.status in (ConsumeStatus.GRANTED, ConsumeStatus.DUPLICATE)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetUsage:
+    budget_id: uuid.UUID
+    tokens: int
+    cost: Decimal
+    percentage_tokens: Decimal | None  # None when tokens are unlimited
+    percentage_cost: Decimal
+    remaining_tokens: int | None  # None when tokens are unlimited
+    remaining_cost: Decimal
+    is_exceeded: bool  # no headroom left (cost or tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmBudgetSummary:
+    swarm_id: uuid.UUID
+    budgets: int
+    allocated: Decimal
+    consumed: Decimal
+    remaining: Decimal
+    max_tokens: int | None  # None when any budget is unlimited
+    used_tokens: int

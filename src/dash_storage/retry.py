@@ -1,0 +1,72 @@
+"""What is transient, and the backoff policy for retrying it.
+
+Written by hand rather than with tenacity: the fast path (first attempt succeeds) must cost no more
+than a ``try`` block, because it wraps every repository call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from dash_storage.errors import DashStorageError, is_driver_error, is_transient, map_error
+
+__all__ = ["RetryPolicy", "is_transient", "retry_call"]
+
+T = TypeVar("T")
+log = logging.getLogger("dash_storage.retry")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """``attempts`` retries after the first try, exponential backoff with full jitter.
+
+    The n-th retry waits a random time in ``[delay * 2**(n-1) / 2, delay * 2**(n-1)]``, capped at
+    ``max_delay``.
+    """
+
+    attempts: int = 3
+    delay: float = 1.0
+    max_delay: float = 30.0
+
+    def backoff(self, retry_number: int) -> float:
+        ceiling = min(self.max_delay, self.delay * (2 ** (retry_number - 1)))
+        return random.uniform(ceiling / 2, ceiling)  # jitter, not security
+
+
+async def retry_call(
+    op: Callable[[int], Awaitable[T]],
+    policy: RetryPolicy,
+    *,
+    what: str = "database call",
+) -> T:
+    """Run ``op(attempt)`` and retry it on transient failures per ``policy``.
+
+    ``op`` receives the attempt number (1 for the first try) so that an idempotent write can tell
+    a retry from a first try. Non-transient errors are raised at once; every error leaves as a
+    DashStorageError with the driver's exception as its cause.
+    """
+    attempt = 1
+    while True:
+        try:
+            return await op(attempt)
+        except Exception as exc:
+            if attempt > policy.attempts or not is_transient(exc):
+                if isinstance(exc, DashStorageError) or not is_driver_error(exc):
+                    raise
+                raise map_error(exc) from exc
+            wait = policy.backoff(attempt)
+            log.warning(
+                "%s failed (%s), retry %d/%d in %.3fs",
+                what,
+                type(exc).__name__,
+                attempt,
+                policy.attempts,
+                wait,
+            )
+            await asyncio.sleep(wait)
+            attempt += 1

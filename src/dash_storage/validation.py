@@ -1,0 +1,266 @@
+"""Input checks that run before any SQL. Each raises ValidationError naming the field.
+
+Values that pass are returned in the form the driver wants (UUID, Decimal, int, aware datetime).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import uuid
+from collections.abc import Collection, Iterable, Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from dash_storage.errors import ValidationError
+
+__all__ = [
+    "MAX_JSON_BYTES",
+    "MAX_JSON_DEPTH",
+    "MAX_LIMIT",
+    "check_bool",
+    "check_choice",
+    "check_int",
+    "check_json",
+    "check_json_object",
+    "check_limit",
+    "check_money",
+    "check_offset",
+    "check_text",
+    "check_timestamp",
+    "check_uuid",
+]
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 10_000
+MAX_JSON_DEPTH = 64
+MAX_JSON_BYTES = 16 * 1024 * 1024
+MONEY_SCALE = 10  # decimal places the money columns hold (see the schema's precision checks)
+MONEY_MAX = Decimal("1e14")
+BIGINT_MAX = 2**63 - 1
+INT_MAX = 2**31 - 1
+
+# Lengths for TEXT columns. PostgreSQL TEXT is unbounded; these bounds are the API's contract.
+SHORT_TEXT = 255
+LONG_TEXT = 1_000_000
+
+
+def check_uuid(value: Any, field: str, *, optional: bool = False) -> uuid.UUID | None:
+    if value is None:
+        if optional:
+            return None
+        raise ValidationError(field, "is required")
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, str) and len(value) <= 64:
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    raise ValidationError(field, f"must be a UUID, got {_show(value)}")
+
+
+def check_text(
+    value: Any, field: str, *, max_length: int = SHORT_TEXT, optional: bool = False, allow_empty: bool = True
+) -> str | None:
+    if value is None:
+        if optional:
+            return None
+        raise ValidationError(field, "is required")
+    if not isinstance(value, str):
+        raise ValidationError(field, f"must be a string, got {type(value).__name__}")
+    if len(value) > max_length:
+        raise ValidationError(field, f"is {len(value)} characters long, the maximum is {max_length}")
+    if not allow_empty and not value.strip():
+        raise ValidationError(field, "must not be empty")
+    if "\x00" in value:
+        raise ValidationError(field, "must not contain NUL characters")
+    return value
+
+
+def check_choice(value: Any, allowed: Collection[str], field: str, *, optional: bool = False) -> str | None:
+    if value is None:
+        if optional:
+            return None
+        raise ValidationError(field, "is required")
+    if not isinstance(value, str) or value not in allowed:
+        raise ValidationError(field, f"must be one of {', '.join(sorted(allowed))}, got {_show(value)}")
+    return str(value)
+
+
+def check_int(
+    value: Any, field: str, *, minimum: int = 0, maximum: int = BIGINT_MAX, optional: bool = False
+) -> int | None:
+    if value is None:
+        if optional:
+            return None
+        raise ValidationError(field, "is required")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(field, f"must be an integer, got {type(value).__name__}")
+    if value < minimum or value > maximum:
+        raise ValidationError(field, f"must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def check_bool(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValidationError(field, f"must be true or false, got {type(value).__name__}")
+    return value
+
+
+def check_money(value: Any, field: str, *, optional: bool = False) -> Decimal | None:
+    """A non-negative amount with at most 10 decimal places. Finer values are rejected, not rounded."""
+    if value is None:
+        if optional:
+            return None
+        raise ValidationError(field, "is required")
+    if isinstance(value, bool):
+        raise ValidationError(field, "must be a number, got bool")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValidationError(field, f"must be a finite number, got {value}")
+        value = Decimal(repr(value))  # the shortest decimal that round-trips, not the binary expansion
+    elif isinstance(value, int):
+        value = Decimal(value)
+    elif isinstance(value, str) and len(value) <= 64:
+        try:
+            value = Decimal(value.strip())
+        except InvalidOperation:
+            raise ValidationError(field, f"must be a number, got {_show(value)}") from None
+    elif not isinstance(value, Decimal):
+        raise ValidationError(field, f"must be a number, got {type(value).__name__}")
+    assert isinstance(value, Decimal)
+    if not value.is_finite():
+        raise ValidationError(field, f"must be a finite number, got {value}")
+    if value < 0:
+        raise ValidationError(field, f"must not be negative, got {value}")
+    if value >= MONEY_MAX:
+        raise ValidationError(field, f"must be below {MONEY_MAX:E}, got {value}")
+    normalized = value.normalize()
+    exponent = normalized.as_tuple().exponent
+    assert isinstance(exponent, int)
+    if -exponent > MONEY_SCALE:
+        raise ValidationError(
+            field, f"has more than {MONEY_SCALE} decimal places ({value}); amounts are never rounded"
+        )
+    return value
+
+
+def check_timestamp(value: Any, field: str, *, optional: bool = False) -> dt.datetime | None:
+    if value is None:
+        if optional:
+            return None
+        raise ValidationError(field, "is required")
+    if not isinstance(value, dt.datetime):
+        raise ValidationError(field, f"must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValidationError(field, "must be timezone-aware (e.g. datetime.now(timezone.utc))")
+    return value
+
+
+def check_json(value: Any, field: str, *, optional: bool = False) -> Any:
+    """A JSON-serialisable value: bounded depth and size, finite numbers, no NUL in strings."""
+    if value is None:
+        if optional:
+            return None
+        raise ValidationError(field, "is required")
+    budget = [MAX_JSON_BYTES]
+    _walk(value, field, 0, budget)
+    return value
+
+
+def check_json_object(value: Any, field: str, *, optional: bool = False) -> dict[str, Any] | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValidationError(field, f"must be a JSON object (dict), got {type(value).__name__}")
+    check_json(value, field)
+    return dict(value)
+
+
+def _walk(value: Any, field: str, depth: int, budget: list[int]) -> None:
+    if depth > MAX_JSON_DEPTH:
+        raise ValidationError(field, f"is nested deeper than {MAX_JSON_DEPTH} levels")
+    budget[0] -= 8
+    if budget[0] < 0:
+        raise ValidationError(field, f"is larger than {MAX_JSON_BYTES} bytes")
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if abs(value) > BIGINT_MAX:
+            raise ValidationError(field, "holds an integer outside the 64-bit range")
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValidationError(field, f"holds a non-finite number ({value})")
+        return
+    if isinstance(value, str):
+        budget[0] -= len(value)
+        if budget[0] < 0:
+            raise ValidationError(field, f"is larger than {MAX_JSON_BYTES} bytes")
+        if "\x00" in value:
+            raise ValidationError(field, "holds a string with a NUL character (PostgreSQL cannot store it)")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValidationError(field, f"has a non-string key {_show(key)}")
+            _walk(key, field, depth + 1, budget)
+            _walk(item, field, depth + 1, budget)
+        return
+    if isinstance(value, list | tuple):
+        for item in value:
+            _walk(item, field, depth + 1, budget)
+        return
+    raise ValidationError(field, f"holds a {type(value).__name__}, which is not JSON")
+
+
+def check_limit(
+    value: Any, field: str = "limit", *, default: int = DEFAULT_LIMIT, maximum: int = MAX_LIMIT
+) -> int:
+    if value is None:
+        return default
+    result = check_int(value, field, minimum=1, maximum=maximum)
+    assert result is not None
+    return result
+
+
+def check_offset(value: Any, field: str = "offset") -> int:
+    if value is None:
+        return 0
+    result = check_int(value, field, minimum=0, maximum=BIGINT_MAX)
+    assert result is not None
+    return result
+
+
+def check_order(value: Any, allowed: Mapping[str, str], field: str = "order_by", *, default: str) -> str:
+    """Map a public ordering name to its SQL column from a fixed list (never paste input into SQL)."""
+    if value is None:
+        return allowed[default]
+    if not isinstance(value, str) or value not in allowed:
+        raise ValidationError(field, f"must be one of {', '.join(sorted(allowed))}, got {_show(value)}")
+    return allowed[value]
+
+
+def check_direction(value: Any, field: str = "order_direction") -> str:
+    if value is None:
+        return "DESC"
+    if isinstance(value, str) and value.upper() in ("ASC", "DESC"):
+        return value.upper()
+    raise ValidationError(field, f"must be 'asc' or 'desc', got {_show(value)}")
+
+
+def check_uuid_list(values: Any, field: str) -> list[uuid.UUID]:
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise ValidationError(field, "must be a list of UUIDs")
+    out = []
+    for v in values:
+        u = check_uuid(v, field)
+        assert u is not None
+        out.append(u)
+    return out
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,123 @@
+"""Every test gets a real PostgreSQL.
+
+The server is the one named by DATABASE_URL / POSTGRES_HOST, else an embedded one (data under
+``.test-data/``). Tests run in their own database, ``dash_test`` unless DASH_TEST_DATABASE says
+otherwise; it is dropped and re-created (and migrated) once per run, and every table is emptied
+before each test that uses the ``db`` fixture. The user's ``dash`` database is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from dash_storage.config import Settings, load_settings
+from dash_storage.database import Database
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_DB = os.environ.get("DASH_TEST_DATABASE", "dash_test")
+
+if TEST_DB == "dash":
+    raise RuntimeError("DASH_TEST_DATABASE must not be 'dash': the tests drop and re-create their database")
+
+# Subprocesses (dash-db runs) see the test database too; the embedded server keeps its data here.
+os.environ["POSTGRES_DB"] = TEST_DB
+if not (os.environ.get("DATABASE_URL") or os.environ.get("POSTGRES_HOST")):
+    os.environ.setdefault("DASH_DATA_DIR", str(ROOT / ".test-data" / "embedded"))
+
+
+def base_settings(**overrides: Any) -> Settings:
+    return load_settings(postgres_db=TEST_DB, **overrides)
+
+
+async def admin_connect(settings: Settings, database: str = "postgres") -> asyncpg.Connection:
+    """A plain asyncpg connection to ``database`` on the test server (for setup and fault injection)."""
+    db = Database(settings)
+    kwargs = await db.connect_kwargs(database)
+    return await asyncpg.connect(**kwargs)
+
+
+async def recreate_database(settings: Settings, name: str, *, template: str | None = None) -> None:
+    con = await admin_connect(settings)
+    try:
+        ident = await con.fetchval("SELECT quote_ident($1)", name)
+        await con.execute(f"DROP DATABASE IF EXISTS {ident} WITH (FORCE)")
+        if template:
+            tmpl = await con.fetchval("SELECT quote_ident($1)", template)
+            await con.execute(f"CREATE DATABASE {ident} TEMPLATE {tmpl}")
+        else:
+            await con.execute(f"CREATE DATABASE {ident}")
+    finally:
+        await con.close()
+
+
+async def drop_database(settings: Settings, name: str) -> None:
+    con = await admin_connect(settings)
+    try:
+        ident = await con.fetchval("SELECT quote_ident($1)", name)
+        await con.execute(f"DROP DATABASE IF EXISTS {ident} WITH (FORCE)")
+    finally:
+        await con.close()
+
+
+async def migrate(database: Database) -> None:
+    try:
+        from dash_storage.migrations.runner import MigrationRunner
+    except ImportError:  # before the migration system exists
+        return
+    await MigrationRunner(database).migrate()
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return base_settings()
+
+
+@pytest.fixture(scope="session")
+async def database(settings: Settings) -> AsyncIterator[Database]:
+    """The session's Database on the freshly created and migrated test database."""
+    await recreate_database(settings, TEST_DB)
+    db = Database(settings)
+    await db.initialize()
+    await migrate(db)
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+async def _truncate_all(db: Database) -> None:
+    tables = await db.fetch(
+        "SELECT quote_ident(tablename) AS t FROM pg_tables WHERE schemaname = 'public' "
+        "AND tablename <> '_migrations'"
+    )
+    if tables:
+        await db.execute("TRUNCATE " + ", ".join(r["t"] for r in tables) + " CASCADE")
+
+
+@pytest.fixture
+async def db(database: Database) -> Database:
+    """The test database, emptied of rows (schema kept) before the test."""
+    await _truncate_all(database)
+    return database
+
+
+@pytest.fixture
+async def make_database(settings: Settings) -> AsyncIterator[Callable[..., Awaitable[Database]]]:
+    """Build extra Database objects on the test database with setting overrides; closed afterwards."""
+    made: list[Database] = []
+
+    async def factory(**overrides: Any) -> Database:
+        d = Database(settings, **overrides)
+        made.append(d)
+        await d.initialize()
+        return d
+
+    yield factory
+    for d in made:
+        await d.close()
