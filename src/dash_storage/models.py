@@ -11,11 +11,12 @@ import datetime as dt
 import uuid
 from dataclasses import dataclass, fields
 from decimal import Decimal
-from enum import StrEnum
-from typing import Any
+from enum import Enum, StrEnum
+from typing import Any, Final, Literal
 
 __all__ = [
     "AGENT_COLUMNS",
+    "UNSET",
     "BUDGET_COLUMNS",
     "EVENT_COLUMNS",
     "LEDGER_COLUMNS",
@@ -42,6 +43,7 @@ __all__ = [
     "SwarmBudgetSummary",
     "SwarmStatus",
     "SwarmSummary",
+    "Unset",
 ]
 
 
@@ -106,6 +108,19 @@ class Currency(StrEnum):
 
 
 JSON = Any  # a JSON value as decoded by orjson (dict, list, str, int, float, bool, None)
+
+
+class _Unset(Enum):
+    """Marks an ``update`` argument that was not given (None means "set to NULL")."""
+
+    UNSET = "UNSET"
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = _Unset.UNSET
+Unset = Literal[_Unset.UNSET]
 
 
 @dataclass(frozen=True, slots=True)
