@@ -152,7 +152,7 @@ class Database:
 
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
         if settings is not None and overrides:
-            settings = settings.model_copy(update=overrides)
+            settings = load_settings(**{**dict(settings), **overrides})
         self.settings = settings if settings is not None else load_settings(**overrides)
         self._pool: asyncpg.Pool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -39,9 +39,17 @@ _SECRETS: set[str] = set()
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*):(?P<pw>[^@\s]+)@")
 
 
+_MIN_SCRUB_LENGTH = 6  # shorter strings (e.g. the default password "dash") would garble every message
+
+
 def register_secret(value: str | None) -> None:
-    """Remember a secret so that :func:`scrub` removes it from any text."""
-    if value and len(value) >= 2:
+    """Remember a secret so that :func:`scrub` removes it from any text.
+
+    Secrets are always masked where the package prints settings itself; this catches the rest
+    (driver messages). Very short values are not scrubbed from free text, because hiding every
+    occurrence of, say, "dash" would hide the product's own name.
+    """
+    if value and len(value) >= _MIN_SCRUB_LENGTH:
         _SECRETS.add(value)
 
 
