@@ -159,3 +159,14 @@ def test_bad_password_url_is_not_echoed(clean_env: Path, monkeypatch: pytest.Mon
         load_settings()
     assert secret not in str(info.value)
     assert info.value.__cause__ is None
+
+
+def test_env_example_lists_every_variable_with_its_default(clean_env: Path) -> None:
+    example = (Path(__file__).resolve().parents[2] / ".env.example").read_text()
+    listed = {line.split("=", 1)[0] for line in example.splitlines() if line and not line.startswith("#")}
+    assert set(VARS) <= listed
+    (clean_env / ".env").write_text(example)
+    from_file = load_settings()
+    (clean_env / ".env").unlink()
+    defaults = load_settings()
+    assert from_file.describe() == defaults.describe()
