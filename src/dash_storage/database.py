@@ -31,6 +31,7 @@ from dash_storage.errors import (
     DatabaseUnavailableError,
     PoolExhaustedError,
     is_driver_error,
+    is_transient,
     map_error,
 )
 from dash_storage.retry import RetryPolicy, retry_call
@@ -84,6 +85,14 @@ class HealthReport:
     error: str | None = None
 
 
+def _discard(con: Connection) -> None:
+    """Close a connection that failed transiently, so a dying connection never goes back to the pool."""
+    try:
+        con.terminate()
+    except asyncpg.InterfaceError:
+        pass  # already closed and handed back by asyncpg's own cleanup
+
+
 class _Acquired:
     """``async with db.acquire() as con``; a class, not a generator, to keep the hot path short."""
 
@@ -103,6 +112,8 @@ class _Acquired:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         assert self._pool is not None and self._con is not None
+        if e is not None and is_transient(e):
+            _discard(self._con)
         await self._pool.release(self._con)
         if e is not None and is_driver_error(e):
             raise map_error(e) from e
@@ -325,6 +336,8 @@ class Database:
         try:
             return await getattr(con, method)(query, *args, timeout=timeout)
         except Exception as exc:
+            if is_transient(exc):
+                _discard(con)
             raise map_error(exc) from exc
         finally:
             await pool.release(con)

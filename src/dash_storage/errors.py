@@ -187,6 +187,10 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.InterfaceError):
         text = str(exc)
         return any(m in text for m in _CLOSED_MESSAGES)
+    if isinstance(exc, asyncpg.InternalClientError):
+        # The server's "terminating connection" notice arrived on an idle connection whose socket
+        # is not closed yet: the next query cannot even start on it. Nothing was sent.
+        return "cannot switch to state" in str(exc)
     # A socket error below the driver (refused, reset, unreachable).
     return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | PermissionError)
 

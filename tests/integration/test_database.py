@@ -121,6 +121,7 @@ async def test_query_succeeds_after_every_connection_was_terminated(make_databas
     await _kill_pool_connections(settings)
     results = await asyncio.gather(*(db.fetchval("SELECT $1::int", i, retry=True) for i in range(20)))
     assert results == list(range(20))
+    assert db.stats().in_use == 0  # discarded connections were returned, nothing leaked
 
 
 async def test_non_transient_errors_are_not_retried(make_database) -> None:

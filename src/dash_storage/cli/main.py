@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from dash_storage.cli import server
+from dash_storage.cli import migrate, server
 from dash_storage.cli.common import fail
 from dash_storage.errors import DashStorageError
 
@@ -21,6 +21,7 @@ app = typer.Typer(
 app.command("up")(server.up)
 app.command("down")(server.down)
 app.command("doctor")(server.doctor)
+app.add_typer(migrate.app, name="migrate")
 
 
 def run() -> None:
