@@ -172,7 +172,7 @@ def check_json(value: Any, field: str, *, optional: bool = False) -> Any:
 def check_json_object(value: Any, field: str, *, optional: bool = False) -> dict[str, Any] | None:
     if value is None and optional:
         return None
-    if not isinstance(value, Mapping):
+    if not isinstance(value, dict):
         raise ValidationError(field, f"must be a JSON object (dict), got {type(value).__name__}")
     check_json(value, field)
     return dict(value)
@@ -201,7 +201,7 @@ def _walk(value: Any, field: str, depth: int, budget: list[int]) -> None:
         if "\x00" in value:
             raise ValidationError(field, "holds a string with a NUL character (PostgreSQL cannot store it)")
         return
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):  # other Mapping types are not JSON-serialisable by the driver's codec
         for key, item in value.items():
             if not isinstance(key, str):
                 raise ValidationError(field, f"has a non-string key {_show(key)}")

@@ -63,6 +63,26 @@ def test_up_doctor_migrate_demo_down(embedded_env: dict[str, str]) -> None:
     assert report["health"]["database"] == "dash_e2e"
     assert report["settings"]["POSTGRES_PASSWORD"] == "***"
 
+    migrate = dash_db(env, "migrate")
+    assert migrate.returncode == 0, migrate.stderr
+    status = dash_db(env, "migrate", "status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert {m["state"] for m in json.loads(status.stdout)} == {"applied"}
+
+    demo = dash_db(env, "demo", "--json", "--agents", "12", "--seconds", "1.5", "--budget", "0.20")
+    assert demo.returncode == 0, demo.stderr
+    result = json.loads(demo.stdout)
+    assert result["target"] == "embedded"
+    summary = result["summary"]
+    assert summary["total_agents"] == 12 and summary["running_agents"] == 0
+    assert 0 < float(summary["budget_consumed"]) <= 0.20
+    assert result["progress"]["events"] > 12
+    assert {s["event_type"] for s in result["event_stats"]} >= {"agent.spawned", "swarm.completed"}
+
+    swarms = dash_db(env, "swarms", "--json")
+    assert swarms.returncode == 0, swarms.stderr
+    assert [s["id"] for s in json.loads(swarms.stdout)] == [result["swarm_id"]]
+
     down = dash_db(env, "down", "--json")
     assert down.returncode == 0, down.stderr
     assert json.loads(down.stdout) == {"mode": "embedded", "stopped": True}

@@ -65,7 +65,7 @@ def up(json_out: JsonOpt = False) -> None:
 
 
 def down(json_out: JsonOpt = False) -> None:
-    """Stop what ``dash-db up`` started (docker compose services, or the embedded server)."""
+    """Stop what dash-db up started (docker compose services, or the embedded server)."""
     settings = load_settings()
     if docker_available():
         done = subprocess.run(["docker", "compose", "down"], check=False)

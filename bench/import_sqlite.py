@@ -1,0 +1,213 @@
+"""Benchmark: ``import_sqlite`` of a legacy dash.db with 1,000,000 events.
+
+    POSTGRES_HOST=127.0.0.1 POSTGRES_USER=postgres .venv/bin/python bench/import_sqlite.py
+
+Builds (once, cached under bench/results/) a legacy file with the test factory's realistic rows,
+imports it into a scratch database ``dash_bench_import`` (created, migrated, dropped), then:
+
+1. the first import (everything written) — the headline rows/s;
+2. a second import of the same file (everything already present: the idempotent re-run);
+3. a dry run;
+4. the baseline: raw asyncpg ``copy_records_to_table`` of the same, already converted, event rows
+   into an emptied ``events`` table (no conversion, no ON CONFLICT) — the ceiling a Python importer
+   could reach on this machine. The report gives the importer's rate as a ratio of it.
+
+Results are printed as a Markdown snippet; timings are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.legacy_factory
+sys.path.insert(0, str(ROOT / "src"))
+
+from dash_storage.config import load_settings  # noqa: E402
+from dash_storage.database import Database  # noqa: E402
+from dash_storage.legacy import import_sqlite  # noqa: E402
+from tests.legacy_factory import build_legacy_file  # noqa: E402
+
+BENCH_DB = "dash_bench_import"
+RESULTS = ROOT / "bench" / "results"
+EVENT_COLUMNS = (
+    "id",
+    "swarm_id",
+    "agent_id",
+    "type",
+    "payload",
+    "timestamp",
+    "correlation_id",
+    "parent_event_id",
+    "entity_type",
+    "severity",
+)
+
+
+async def admin(settings: Any) -> asyncpg.Connection:
+    db = Database(settings)
+    return await asyncpg.connect(**await db.connect_kwargs("postgres"))
+
+
+async def recreate(settings: Any) -> None:
+    con = await admin(settings)
+    try:
+        await con.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
+        await con.execute(f"CREATE DATABASE {BENCH_DB}")
+    finally:
+        await con.close()
+
+
+async def drop(settings: Any) -> None:
+    con = await admin(settings)
+    try:
+        await con.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
+    finally:
+        await con.close()
+
+
+async def migrate(db: Database) -> str:
+    try:
+        from dash_storage.migrations.runner import MigrationRunner
+    except ImportError:
+        schema = (ROOT / "src" / "dash_storage" / "schema.sql").read_text(encoding="utf-8")
+        await db.execute(schema)
+        return "schema.sql"
+    await MigrationRunner(db).migrate()
+    return "migrations"
+
+
+def legacy_file(events: int, swarms: int, agents: int, rebuild: bool) -> tuple[Path, float | None]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"legacy_{events}e_{swarms}s_{agents}a.db"
+    if path.exists() and not rebuild:
+        return path, None
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    started = time.perf_counter()
+    build_legacy_file(path, swarms=swarms, agents=agents, events=events, seed=11)
+    return path, time.perf_counter() - started
+
+
+async def raw_copy_baseline(db: Database, batch: int) -> tuple[int, float]:
+    """Raw asyncpg COPY of the imported (already converted) events into the emptied events table.
+
+    A plain ``asyncpg.connect`` (asyncpg's own binary jsonb codec, payload passed as JSON text), the
+    same batch size, one transaction per batch: the ceiling for getting these rows into this table.
+    """
+    con: asyncpg.Connection = await asyncpg.connect(**await db.connect_kwargs())
+    try:
+        select = ", ".join("payload::text" if c == "payload" else f'"{c}"' for c in EVENT_COLUMNS)
+        rows = await con.fetch(f"SELECT {select} FROM events")
+        records = [tuple(r) for r in rows]
+        del rows
+        await con.execute("TRUNCATE events")
+        started = time.perf_counter()
+        for i in range(0, len(records), batch):
+            async with con.transaction():
+                await con.copy_records_to_table(
+                    "events", records=records[i : i + batch], columns=EVENT_COLUMNS
+                )
+        elapsed = time.perf_counter() - started
+        count = await con.fetchval("SELECT count(*) FROM events")
+        assert count == len(records), (count, len(records))
+    finally:
+        await con.close()
+    return len(records), elapsed
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--swarms", type=int, default=300)
+    parser.add_argument("--agents", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=5000)
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the cached legacy file")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch database afterwards")
+    args = parser.parse_args()
+
+    path, build_seconds = legacy_file(args.events, args.swarms, args.agents, args.rebuild)
+    settings = load_settings(postgres_db=BENCH_DB, postgres_min_pool_size=1, postgres_max_pool_size=4)
+    await recreate(settings)
+    db = Database(settings)
+    try:
+        how = await migrate(db)
+        server_version = await db.fetchval("SHOW server_version")
+
+        first = await import_sqlite(
+            db, path, batch_size=args.batch_size, report_path=RESULTS / "import.jsonl"
+        )
+        second = await import_sqlite(
+            db, path, batch_size=args.batch_size, report_path=RESULTS / "again.jsonl"
+        )
+        dry = await import_sqlite(
+            db, path, batch_size=args.batch_size, dry_run=True, report_path=RESULTS / "dry.jsonl"
+        )
+        copied, copy_seconds = await raw_copy_baseline(db, args.batch_size)
+    finally:
+        await db.close()
+        if not args.keep:
+            await drop(settings)
+
+    ev = first.tables["events"]
+    raw_rate = copied / copy_seconds if copy_seconds else 0.0
+    command = (
+        "POSTGRES_HOST=127.0.0.1 POSTGRES_USER=postgres .venv/bin/python bench/import_sqlite.py "
+        + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    )
+    lines = [
+        "### import-sqlite: legacy dash.db → PostgreSQL",
+        "",
+        f"- machine: `{platform.machine()}`, {os.cpu_count()} CPUs, PostgreSQL {server_version} "
+        f"(schema from {how}), asyncpg {asyncpg.__version__}, Python {platform.python_version()}",
+        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- command: `{command.strip()}`",
+        f"- legacy file: {path.name} ({path.stat().st_size / 1e6:.0f} MB; "
+        f"{first.tables['swarms'].read} swarms, {first.tables['agents'].read} agents, {ev.read:,} events"
+        + (f"; built in {build_seconds:.1f} s" if build_seconds is not None else "; cached")
+        + f"), batch size {args.batch_size}",
+        "",
+        "| run | events read | written | already present | rejected | seconds | events/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, rep in (("first import", first), ("second import (no-op)", second), ("dry run", dry)):
+        e = rep.tables["events"]
+        lines.append(
+            f"| {name} | {e.read:,} | {e.written:,} | {e.already_present:,} | {e.rejected:,} | "
+            f"{rep.elapsed_seconds:.1f} | {rep.events_per_second:,.0f} |"
+        )
+    lines.append(
+        f"| baseline: raw asyncpg COPY of the converted rows | {copied:,} | {copied:,} | 0 | 0 | "
+        f"{copy_seconds:.1f} | {raw_rate:,.0f} |"
+    )
+    lines += [
+        "",
+        f"First import: **{first.events_per_second:,.0f} events/s** end to end (read SQLite, convert, COPY, "
+        f"INSERT ... ON CONFLICT into the indexed `events`, FK checks), "
+        f"{first.events_per_second / raw_rate:.2f}x the raw-COPY baseline."
+        if raw_rate
+        else "",
+    ]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - Windows
+        asyncio.run(main())
+    else:
+        uvloop.run(main())

@@ -1,0 +1,527 @@
+"""BudgetRepository: budgets, their consumption ledger, and usage reports.
+
+Consumption is ONE statement (``CONSUME``): it locks the budget row, checks the idempotency key,
+checks headroom (cost against ``allocated``, tokens against ``max_tokens``), writes the
+``budget_ledger`` row and updates the counters, all atomically. Concurrent consumes of one budget
+serialize on the row lock; the table's CHECK constraints are the last line of defence, so
+``consumed`` can never exceed ``allocated`` nor ``used_tokens`` exceed ``max_tokens``.
+
+Idempotency: every consume carries a key (generated when the caller gives none), so a retry after a
+lost connection answers instead of charging twice. A repeated key answers ``DUPLICATE`` (granted)
+without charging again; a repeated key with different amounts is a ConflictError. Only granted
+charges are recorded: an ``INSUFFICIENT`` answer leaves no trace, so the same key may be granted
+later if the budget grows.
+
+Semantics of the limits: reaching a limit exactly is allowed. ``max_tokens`` NULL means unlimited,
+0 means zero tokens (a charge with ``tokens=0`` still passes the token check). ``allocated`` 0
+means no money: only ``cost=0`` charges pass. "Exceeded" means no headroom left:
+``consumed >= allocated`` or ``used_tokens >= max_tokens``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import functools
+import uuid
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+from dash_storage import validation as v
+from dash_storage.database import Connection
+from dash_storage.errors import ConflictError, NotFoundError, ValidationError
+from dash_storage.ids import new_id
+from dash_storage.models import (
+    BUDGET_COLUMNS,
+    UNSET,
+    Budget,
+    BudgetUsage,
+    ConsumeResult,
+    ConsumeStatus,
+    Currency,
+    ScopeType,
+    SwarmBudgetSummary,
+    Unset,
+)
+from dash_storage.repositories.base import Repository
+
+__all__ = ["BUDGET_ORDER_COLUMNS", "BudgetRepository"]
+
+SCOPE_TYPES = frozenset(s.value for s in ScopeType)
+CURRENCIES = frozenset(c.value for c in Currency)
+#: Public ``order_by`` names of ``list`` -> SQL column (a fixed allow-list, never input).
+BUDGET_ORDER_COLUMNS = {
+    "created_at": "created_at",
+    "updated_at": "updated_at",
+    "allocated": "allocated",
+    "consumed": "consumed",
+}
+#: Columns ``update`` may set, in the order their parameters are numbered.
+UPDATABLE_COLUMNS = ("allocated", "currency", "max_tokens")
+_R_COLUMNS = ", ".join("r." + c.strip() for c in BUDGET_COLUMNS.split(","))
+_HUNDRED = Decimal(100)
+_CENT = Decimal("0.01")
+
+# Idempotent create: a retried attempt finds its own row instead of inserting a second one.
+INSERT_BUDGET = f"""
+INSERT INTO budgets (id, swarm_id, scope_type, scope_id, allocated, currency, max_tokens)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (id) DO NOTHING
+RETURNING {BUDGET_COLUMNS}
+"""  # noqa: S608
+# One budget by primary key.
+SELECT_BUDGET_BY_ID = f"SELECT {BUDGET_COLUMNS} FROM budgets WHERE id = $1"  # noqa: S608
+# The budget of one scope (unique).
+SELECT_BUDGET_BY_SCOPE = f"""
+SELECT {BUDGET_COLUMNS} FROM budgets WHERE scope_type = $1 AND scope_id = $2
+"""  # noqa: S608
+# Every budget of a swarm, swarm scope first, then oldest first.
+SELECT_BUDGETS_BY_SWARM = f"""
+SELECT {BUDGET_COLUMNS} FROM budgets WHERE swarm_id = $1
+ORDER BY scope_type <> 'swarm', created_at, id LIMIT $2
+"""  # noqa: S608
+# Template of list(): {where}, {order}, {direction} are filled only from fixed fragments in code.
+LIST_BUDGETS_TEMPLATE = f"""
+SELECT {BUDGET_COLUMNS} FROM budgets{{where}}
+ORDER BY {{order}} {{direction}}, id {{direction}} LIMIT $1 OFFSET $2
+"""  # noqa: S608
+# Template of update(): {assignments} is built from the fixed column list UPDATABLE_COLUMNS.
+UPDATE_BUDGET_TEMPLATE = f"""
+UPDATE budgets SET {{assignments}} WHERE id = $1 RETURNING {BUDGET_COLUMNS}
+"""  # noqa: S608
+# Delete one budget (its ledger cascades).
+DELETE_BUDGET = "DELETE FROM budgets WHERE id = $1 RETURNING 1"
+# The whole consume in one statement: $1 budget, $2 tokens, $3 cost, $4 idempotency key, $5 ledger id.
+#   b      locks the budget row; after waiting for a concurrent consume it sees that one's result
+#          (READ COMMITTED re-reads the newest row version), so the headroom check is exact.
+#   prior  the ledger row of this key, if one was committed before this statement's snapshot.
+#   led    writes the ledger row only if the key is new and the charge fits; the unique index
+#          catches a same-key charge committed after the snapshot (then nothing is written).
+#   upd    applies the charge to the counters only if the ledger row was written.
+# Answer: no row = no budget; else granted?, settled? (false = the row changed after our snapshot,
+# so a same-key charge may be hidden from `prior`: the caller looks the key up again), the prior
+# ledger row (id, tokens, cost) if any, and the budget (after the charge if granted).
+CONSUME = f"""
+WITH b AS (
+    SELECT {BUDGET_COLUMNS}, xmin AS ver FROM budgets WHERE id = $1::uuid FOR UPDATE
+),
+prior AS (
+    SELECT id, tokens, cost FROM budget_ledger WHERE budget_id = $1::uuid AND idempotency_key = $4::text
+),
+led AS (
+    INSERT INTO budget_ledger (id, budget_id, tokens, cost, idempotency_key)
+    SELECT $5::uuid, b.id, $2::bigint, $3::numeric, $4::text FROM b
+    WHERE NOT EXISTS (SELECT 1 FROM prior)
+      AND b.consumed + $3::numeric <= b.allocated
+      AND (b.max_tokens IS NULL OR b.used_tokens + $2::bigint <= b.max_tokens)
+    ON CONFLICT (budget_id, idempotency_key) DO NOTHING
+    RETURNING budget_id
+),
+upd AS (
+    UPDATE budgets
+    SET consumed = budgets.consumed + $3::numeric, used_tokens = budgets.used_tokens + $2::bigint
+    WHERE budgets.id IN (SELECT budget_id FROM led)
+    RETURNING {BUDGET_COLUMNS}
+)
+SELECT r.granted,
+       r.granted OR r.ver = (SELECT s.xmin FROM budgets s WHERE s.id = $1::uuid) AS settled,
+       p.id, p.tokens, p.cost,
+       {_R_COLUMNS}
+FROM (
+    SELECT true AS granted, NULL::xid AS ver, {BUDGET_COLUMNS} FROM upd
+    UNION ALL
+    SELECT false, ver, {BUDGET_COLUMNS} FROM b WHERE NOT EXISTS (SELECT 1 FROM upd)
+) r
+LEFT JOIN prior p ON true
+"""  # noqa: S608
+# The ledger row of one idempotency key (the rare path of a consume racing a same-key consume).
+SELECT_LEDGER_BY_KEY = """
+SELECT id, tokens, cost FROM budget_ledger WHERE budget_id = $1 AND idempotency_key = $2
+"""
+# reset_consumption step 1: lock the budget so no consume commits between the next two statements.
+LOCK_BUDGET = "SELECT 1 FROM budgets WHERE id = $1 FOR UPDATE"
+# reset_consumption step 2: forget the budget's ledger (it must keep summing to the counters).
+DELETE_LEDGER = "DELETE FROM budget_ledger WHERE budget_id = $1"
+# reset_consumption step 3: zero the counters.
+RESET_BUDGET = f"""
+UPDATE budgets SET consumed = 0, used_tokens = 0 WHERE id = $1 RETURNING {BUDGET_COLUMNS}
+"""  # noqa: S608
+# Totals of a swarm's budgets; max_tokens is NULL when any of them is unlimited.
+SELECT_SWARM_SUMMARY = """
+SELECT count(*),
+       COALESCE(sum(allocated), 0),
+       COALESCE(sum(consumed), 0),
+       CASE WHEN bool_or(max_tokens IS NULL) THEN NULL ELSE COALESCE(sum(max_tokens), 0) END,
+       COALESCE(sum(used_tokens), 0)
+FROM budgets WHERE swarm_id = $1
+"""
+
+
+@functools.lru_cache(maxsize=64)
+def _list_sql(scope: bool, swarm: bool, order: str, direction: str) -> str:
+    parts = []
+    n = 3
+    if scope:
+        parts.append(f"scope_type = ${n}")
+        n += 1
+    if swarm:
+        parts.append(f"swarm_id = ${n}")
+    where = (" WHERE " + " AND ".join(parts)) if parts else ""
+    return LIST_BUDGETS_TEMPLATE.format(where=where, order=order, direction=direction)
+
+
+@functools.lru_cache(maxsize=64)
+def _update_sql(columns: tuple[str, ...]) -> str:
+    assert all(c in UPDATABLE_COLUMNS for c in columns)
+    assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(columns, start=2))
+    return UPDATE_BUDGET_TEMPLATE.format(assignments=assignments)
+
+
+def _id(value: Any, field: str = "id") -> uuid.UUID:
+    result = v.check_uuid(value, field)
+    assert result is not None
+    return result
+
+
+def _choice(value: Any, allowed: frozenset[str], field: str) -> str:
+    result = v.check_choice(value, allowed, field)
+    assert result is not None
+    return result
+
+
+def _money(value: Any, field: str) -> Decimal:
+    result = v.check_money(value, field)
+    assert result is not None
+    return result
+
+
+def _tokens(value: Any, field: str = "tokens") -> int:
+    result = v.check_int(value, field, minimum=0)
+    assert result is not None
+    return result
+
+
+def _key(value: Any) -> str:
+    if value is None:
+        return str(new_id())
+    result = v.check_text(value, "idempotency_key", allow_empty=False)
+    assert result is not None
+    return result
+
+
+def _percent(part: Decimal, whole: Decimal) -> Decimal:
+    """``part`` as a percentage of ``whole``, 2 decimals; a zero ``whole`` is fully used (100)."""
+    if whole == 0:
+        return _HUNDRED
+    return (part * _HUNDRED / whole).quantize(_CENT, rounding=ROUND_HALF_UP)
+
+
+def _usage(b: Budget) -> BudgetUsage:
+    return BudgetUsage(
+        budget_id=b.id,
+        tokens=b.used_tokens,
+        cost=b.consumed,
+        percentage_tokens=None
+        if b.max_tokens is None
+        else _percent(Decimal(b.used_tokens), Decimal(b.max_tokens)),
+        percentage_cost=_percent(b.consumed, b.allocated),
+        remaining_tokens=None if b.max_tokens is None else b.max_tokens - b.used_tokens,
+        remaining_cost=b.allocated - b.consumed,
+        is_exceeded=_exceeded(b),
+    )
+
+
+def _exceeded(b: Budget) -> bool:
+    """No headroom left: all the money is spent, or all the tokens are."""
+    return b.consumed >= b.allocated or (b.max_tokens is not None and b.used_tokens >= b.max_tokens)
+
+
+def _fits(b: Budget, tokens: int, cost: Decimal) -> bool:
+    return b.consumed + cost <= b.allocated and (
+        b.max_tokens is None or b.used_tokens + tokens <= b.max_tokens
+    )
+
+
+class BudgetRepository(Repository):
+    """Budgets per scope (swarm, agent, project): create, read, update, consume, report, reset."""
+
+    __slots__ = ()
+
+    async def create(
+        self,
+        scope_type: str,
+        scope_id: uuid.UUID | str,
+        *,
+        swarm_id: uuid.UUID | str | None = None,
+        allocated: Decimal | int | float | str = 0,
+        currency: str = "USD",
+        max_tokens: int | None = None,
+        id: uuid.UUID | str | None = None,
+    ) -> Budget:
+        """Insert a budget. A swarm-scope budget belongs to its swarm (``swarm_id`` defaults to, and
+        must equal, ``scope_id``). Raises ConflictError if the id or scope exists or the swarm does not.
+        """
+        budget_id = v.check_uuid(id, "id", optional=True) or new_id()
+        scope = _choice(scope_type, SCOPE_TYPES, "scope_type")
+        sid = _id(scope_id, "scope_id")
+        swarm = v.check_uuid(swarm_id, "swarm_id", optional=True)
+        if scope == ScopeType.SWARM:
+            if swarm is None:
+                swarm = sid
+            elif swarm != sid:
+                raise ValidationError("swarm_id", "must equal scope_id for a swarm-scope budget")
+        args = (
+            budget_id,
+            swarm,
+            scope,
+            sid,
+            _money(allocated, "allocated"),
+            _choice(currency, CURRENCIES, "currency"),
+            v.check_int(max_tokens, "max_tokens", optional=True),
+        )
+
+        async def insert(con: Connection, attempt: int) -> Budget:
+            row = await con.fetchrow(INSERT_BUDGET, *args)
+            if row is None:
+                if attempt > 1:  # our own row, written by an attempt whose answer was lost
+                    row = await con.fetchrow(SELECT_BUDGET_BY_ID, budget_id)
+                if row is None:
+                    raise ConflictError(f"budget {budget_id} already exists", constraint="budgets_pkey")
+            return Budget(*row)
+
+        return await self.db.run(insert, retry=True)
+
+    async def find_by_id(self, id: uuid.UUID | str) -> Budget | None:
+        """The budget with this id, or None."""
+        row = await self.db.fetchrow(SELECT_BUDGET_BY_ID, _id(id), retry=True)
+        return Budget(*row) if row is not None else None
+
+    async def find_by_scope(self, scope_type: str, scope_id: uuid.UUID | str) -> Budget | None:
+        """The budget of a scope (there is at most one), or None."""
+        scope = _choice(scope_type, SCOPE_TYPES, "scope_type")
+        row = await self.db.fetchrow(SELECT_BUDGET_BY_SCOPE, scope, _id(scope_id, "scope_id"), retry=True)
+        return Budget(*row) if row is not None else None
+
+    async def find_by_swarm_id(
+        self, swarm_id: uuid.UUID | str, limit: int | None = None
+    ) -> builtins.list[Budget]:
+        """A swarm's budgets: the swarm-scope one first, then the others oldest first."""
+        sid = _id(swarm_id, "swarm_id")
+        rows = await self.db.fetch(SELECT_BUDGETS_BY_SWARM, sid, v.check_limit(limit), retry=True)
+        return [Budget(*r) for r in rows]
+
+    async def list(
+        self,
+        scope_type: str | None = None,
+        swarm_id: uuid.UUID | str | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        order_by: str = "created_at",
+        order_direction: str = "desc",
+    ) -> builtins.list[Budget]:
+        """Budgets, optionally of one scope type and/or swarm, ordered by created_at, updated_at,
+        allocated or consumed, then id."""
+        scope = v.check_choice(scope_type, SCOPE_TYPES, "scope_type", optional=True)
+        swarm = v.check_uuid(swarm_id, "swarm_id", optional=True)
+        lim = v.check_limit(limit)
+        off = v.check_offset(offset)
+        order = v.check_order(order_by, BUDGET_ORDER_COLUMNS, default="created_at")
+        direction = v.check_direction(order_direction)
+        args: builtins.list[Any] = [lim, off]
+        if scope is not None:
+            args.append(scope)
+        if swarm is not None:
+            args.append(swarm)
+        sql = _list_sql(scope is not None, swarm is not None, order, direction)
+        rows = await self.db.fetch(sql, *args, retry=True)
+        return [Budget(*r) for r in rows]
+
+    async def update(
+        self,
+        id: uuid.UUID | str,
+        *,
+        allocated: Decimal | int | float | str | Unset = UNSET,
+        currency: str | Unset = UNSET,
+        max_tokens: int | Unset | None = UNSET,
+    ) -> Budget | None:
+        """Change the allocation, currency or token limit (None = unlimited); None if no such budget.
+
+        An allocation below what is already consumed (or a token limit below the tokens already
+        used) is a ValidationError naming ``allocated`` (``max_tokens``); checked atomically.
+        """
+        budget_id = _id(id)
+        values: dict[str, Any] = {}
+        if allocated is not UNSET:
+            values["allocated"] = _money(allocated, "allocated")
+        if currency is not UNSET:
+            values["currency"] = _choice(currency, CURRENCIES, "currency")
+        if max_tokens is not UNSET:
+            values["max_tokens"] = v.check_int(max_tokens, "max_tokens", optional=True)
+        if not values:
+            return await self.find_by_id(budget_id)
+        columns = tuple(c for c in UPDATABLE_COLUMNS if c in values)
+        try:
+            row = await self.db.fetchrow(
+                _update_sql(columns), budget_id, *(values[c] for c in columns), retry=True
+            )
+        except ValidationError as exc:
+            if exc.field == "budgets_consumed_within_allocated_check":
+                raise ValidationError(
+                    "allocated", f"{values['allocated']} is below the amount already consumed"
+                ) from exc.__cause__
+            if exc.field == "budgets_used_tokens_within_max_check":
+                raise ValidationError(
+                    "max_tokens", f"{values['max_tokens']} is below the tokens already used"
+                ) from exc.__cause__
+            raise
+        return Budget(*row) if row is not None else None
+
+    async def delete(self, id: uuid.UUID | str) -> bool:
+        """Delete a budget and its ledger; False if there was none.
+
+        Retried on a lost connection (deleting twice is harmless); if the first attempt's answer was
+        lost after it committed, the retry answers False although this call deleted the budget.
+        """
+        return await self.db.fetchval(DELETE_BUDGET, _id(id), retry=True) is not None
+
+    async def try_consume(
+        self,
+        budget_id: uuid.UUID | str,
+        tokens: int,
+        cost: Decimal | int | float | str,
+        idempotency_key: str | None = None,
+    ) -> ConsumeResult:
+        """Charge ``tokens`` and ``cost`` if both fit, atomically, once per ``idempotency_key``.
+
+        Answers GRANTED (charged now), DUPLICATE (this key was charged before: nothing charged
+        again), INSUFFICIENT (does not fit: nothing charged or recorded) or NOT_FOUND. Safe to retry;
+        a key reused with different amounts raises ConflictError.
+        """
+        bid = _id(budget_id, "budget_id")
+        tok = _tokens(tokens)
+        amount = _money(cost, "cost")
+        key = _key(idempotency_key)
+        ledger_id = new_id()
+        row = await self.db.fetchrow(CONSUME, bid, tok, amount, key, ledger_id, retry=True)
+        if row is None:
+            return ConsumeResult(ConsumeStatus.NOT_FOUND, bid, key)
+        granted, settled, prior_id, prior_tokens, prior_cost = row[:5]
+        budget = Budget(*row[5:])
+        if granted:
+            return ConsumeResult(ConsumeStatus.GRANTED, bid, key, budget)
+        if prior_id is None and (not settled or _fits(budget, tok, amount)):
+            # A same-key charge may have committed after this statement's snapshot (while it
+            # waited for the row lock): look the key up again with a fresh snapshot.
+            again = await self.db.fetchrow(SELECT_LEDGER_BY_KEY, bid, key, retry=True)
+            if again is not None:
+                prior_id, prior_tokens, prior_cost = again
+        if prior_id is None:
+            return ConsumeResult(ConsumeStatus.INSUFFICIENT, bid, key, budget)
+        if prior_tokens != tok or prior_cost != amount:
+            raise ConflictError(
+                f"idempotency_key {key!r} was already used on budget {bid} for a different charge "
+                f"(tokens={prior_tokens}, cost={prior_cost})",
+                constraint="budget_ledger_idempotency_unique",
+            )
+        # Our own ledger row (an attempt whose answer was lost) is this call's grant, not a repeat.
+        status = ConsumeStatus.GRANTED if prior_id == ledger_id else ConsumeStatus.DUPLICATE
+        return ConsumeResult(status, bid, key, budget)
+
+    async def consume_budget(
+        self,
+        budget_id: uuid.UUID | str,
+        tokens: int,
+        cost: Decimal | int | float | str,
+        idempotency_key: str | None = None,
+    ) -> bool:
+        """``try_consume`` answering only whether the charge stands (granted now or before).
+
+        False means insufficient budget OR no such budget; use ``try_consume`` to tell them apart.
+        """
+        result = await self.try_consume(budget_id, tokens, cost, idempotency_key)
+        return result.granted
+
+    async def add_usage(
+        self,
+        budget_id: uuid.UUID | str,
+        tokens: int,
+        cost: Decimal | int | float | str,
+        idempotency_key: str | None = None,
+    ) -> Budget:
+        """Record usage that must be booked, returning the updated budget; raises instead of answering.
+
+        The same guarded, idempotent statement as ``try_consume`` (the schema forbids consumed above
+        allocated, so usage beyond the limits cannot be recorded): NotFoundError if there is no
+        budget, ConflictError if the usage does not fit the remaining headroom (nothing recorded).
+        """
+        result = await self.try_consume(budget_id, tokens, cost, idempotency_key)
+        if result.status is ConsumeStatus.NOT_FOUND:
+            raise NotFoundError("budget", result.budget_id)
+        budget = result.budget
+        assert budget is not None
+        if result.status is ConsumeStatus.INSUFFICIENT:
+            constraint = (
+                "budgets_consumed_within_allocated_check"
+                if budget.consumed + _money(cost, "cost") > budget.allocated
+                else "budgets_used_tokens_within_max_check"
+            )
+            raise ConflictError(
+                f"usage of {tokens} tokens / {cost} {budget.currency} exceeds the headroom of budget "
+                f"{budget.id} (remaining {budget.allocated - budget.consumed}"
+                + ("" if budget.max_tokens is None else f", {budget.max_tokens - budget.used_tokens} tokens")
+                + ")",
+                constraint=constraint,
+            )
+        return budget
+
+    async def get_usage(self, budget_id: uuid.UUID | str) -> BudgetUsage | None:
+        """Tokens and cost used, percentages, remaining amounts and is_exceeded; None if no budget."""
+        budget = await self.find_by_id(_id(budget_id, "budget_id"))
+        return _usage(budget) if budget is not None else None
+
+    async def get_usage_by_scope(self, scope_type: str, scope_id: uuid.UUID | str) -> BudgetUsage | None:
+        """``get_usage`` of the budget of a scope; None if the scope has no budget."""
+        budget = await self.find_by_scope(scope_type, scope_id)
+        return _usage(budget) if budget is not None else None
+
+    async def is_exceeded(self, budget_id: uuid.UUID | str) -> bool | None:
+        """True when no headroom is left (consumed >= allocated, or used_tokens >= max_tokens);
+        None if there is no such budget."""
+        budget = await self.find_by_id(_id(budget_id, "budget_id"))
+        return _exceeded(budget) if budget is not None else None
+
+    async def get_swarm_budget_summary(self, swarm_id: uuid.UUID | str) -> SwarmBudgetSummary:
+        """Totals over every budget of a swarm (all scopes; amounts are summed as-is, whatever their
+        currency). A swarm without budgets gives zeros."""
+        sid = _id(swarm_id, "swarm_id")
+        row = await self.db.fetchrow(SELECT_SWARM_SUMMARY, sid, retry=True)
+        assert row is not None
+        count, allocated, consumed, max_tokens, used_tokens = row
+        return SwarmBudgetSummary(
+            swarm_id=sid,
+            budgets=int(count),
+            allocated=allocated,
+            consumed=consumed,
+            remaining=allocated - consumed,
+            max_tokens=None if max_tokens is None else int(max_tokens),
+            used_tokens=int(used_tokens),
+        )
+
+    async def reset_consumption(self, budget_id: uuid.UUID | str) -> Budget | None:
+        """Zero ``consumed`` and ``used_tokens`` and delete the budget's ledger, in one transaction
+        (the ledger keeps summing to the counters); None if there is no such budget.
+
+        The idempotency keys go with the ledger: a consume retried with an old key after the reset
+        is charged again.
+        """
+        bid = _id(budget_id, "budget_id")
+
+        async def reset(con: Connection, attempt: int) -> Budget | None:
+            # Lock first: a consume committing between the DELETE and the UPDATE would otherwise
+            # be zeroed while its ledger row survives.
+            if await con.fetchval(LOCK_BUDGET, bid) is None:
+                return None
+            await con.execute(DELETE_LEDGER, bid)
+            row = await con.fetchrow(RESET_BUDGET, bid)
+            return Budget(*row) if row is not None else None
+
+        return await self.db.run(reset, retry=True, transaction=True)

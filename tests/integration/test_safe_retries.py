@@ -1,0 +1,291 @@
+"""Retries never write twice: creates (by client-generated id) and consumes (by idempotency key)
+stay exactly-once while the server terminates every connection of the pool in a loop, and when an
+answer is lost after the write committed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import pytest
+
+from dash_storage.config import Settings
+from dash_storage.database import Connection, Database
+from dash_storage.errors import DashStorageError
+from dash_storage.ids import new_id
+from dash_storage.models import ConsumeStatus
+from dash_storage.repositories.budgets import BudgetRepository
+from dash_storage.repositories.events import EventRepository
+from tests.conftest import TEST_DB, admin_connect
+
+MakeDatabase = Callable[..., Awaitable[Database]]
+T = TypeVar("T")
+
+# Kills every pooled connection of the library on the test database (the admin connection running
+# it has another application_name, so it survives).
+KILL_POOL = """
+SELECT count(*) FROM (
+    SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+    WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name = 'dash-storage'
+) AS killed
+"""
+
+
+async def make_swarm(db: Database) -> uuid.UUID:
+    swarm_id = new_id()
+    await db.execute("INSERT INTO swarms (id, name) VALUES ($1, 'chaos')", swarm_id, retry=True)
+    return swarm_id
+
+
+@contextlib.asynccontextmanager
+async def terminating_connections(settings: Settings, interval: float = 0.01) -> Any:
+    """While inside, terminate every 'dash-storage' connection to the test database every ``interval``.
+
+    Yields a one-item list holding the number of connections terminated so far.
+    """
+    admin = await admin_connect(settings, TEST_DB)
+    killed = [0]
+    stop = asyncio.Event()
+
+    async def loop() -> None:
+        while not stop.is_set():
+            killed[0] += int(await admin.fetchval(KILL_POOL))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    task = asyncio.create_task(loop())
+    try:
+        yield killed
+    finally:
+        stop.set()
+        await task
+        await admin.close()
+
+
+async def gather_outcomes(
+    jobs: Sequence[Callable[[], Awaitable[T]]], workers: int
+) -> list[tuple[int, T | BaseException]]:
+    """Run ``jobs`` on ``workers`` concurrent tasks; (job index, result or exception) for each."""
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(jobs)):
+        queue.put_nowait(i)
+    outcomes: list[tuple[int, T | BaseException]] = []
+
+    async def worker() -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            try:
+                outcomes.append((i, await jobs[i]()))
+            except Exception as exc:
+                outcomes.append((i, exc))
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return sorted(outcomes, key=lambda o: o[0])
+
+
+async def test_events_created_while_connections_are_terminated_are_stored_exactly_once(
+    db: Database, settings: Settings, make_database: MakeDatabase
+) -> None:
+    swarm = await make_swarm(db)
+    chaos = await make_database(postgres_retry_attempts=10, postgres_retry_delay=20)
+    repo = EventRepository(chaos)
+
+    # 150 single creates and 15 batches of 10, interleaved: 300 events, ids chosen up front.
+    jobs: list[Callable[[], Awaitable[list[uuid.UUID]]]] = []
+    planned: list[list[uuid.UUID]] = []
+    for n in range(165):
+        if n % 11 == 10:
+            ids = [new_id() for _ in range(10)]
+
+            async def many(ids: list[uuid.UUID] = ids, n: int = n) -> list[uuid.UUID]:
+                items = [{"swarm_id": swarm, "type": f"batch-{n}", "id": i} for i in ids]
+                return [e.id for e in await repo.create_many(items)]
+
+            jobs.append(many)
+        else:
+            ids = [new_id()]
+
+            async def one(event_id: uuid.UUID = ids[0], n: int = n) -> list[uuid.UUID]:
+                return [(await repo.create(swarm, f"single-{n}", id=event_id)).id]
+
+            jobs.append(one)
+        planned.append(ids)
+    assert sum(len(p) for p in planned) == 300
+
+    async with terminating_connections(settings) as killed:
+        outcomes = await gather_outcomes(jobs, workers=16)
+
+    returned: set[uuid.UUID] = set()
+    raised: set[uuid.UUID] = set()
+    for i, outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            assert isinstance(outcome, DashStorageError), repr(outcome)
+            raised.update(planned[i])
+        else:
+            assert outcome == planned[i]  # every event back, in input order
+            returned.update(outcome)
+
+    admin = await admin_connect(settings, TEST_DB)
+    try:
+        total, distinct = await admin.fetchrow("SELECT count(*), count(DISTINCT id) FROM events")
+        stored = {r[0] for r in await admin.fetch("SELECT id FROM events")}
+        batches_split = await admin.fetchval(
+            "SELECT count(*) FROM (SELECT type FROM events WHERE type LIKE 'batch-%' "
+            "GROUP BY type HAVING count(*) <> 10) AS partial"
+        )
+    finally:
+        await admin.close()
+    assert total == distinct == len(stored)
+    assert returned <= stored  # every success is stored
+    assert stored - returned <= raised  # nothing stored that nobody asked for
+    assert batches_split == 0  # a batch is all or nothing, also across retries
+    assert killed[0] > 0
+    assert returned  # the library got work done through the chaos
+    errors = Counter(
+        f"{type(o).__name__} (from {type(o.__cause__).__name__}): {str(o)[:80]}"
+        for _, o in outcomes
+        if isinstance(o, BaseException)
+    )
+    print(f"\nterminated {killed[0]} connections; {len(returned)} events returned, {len(raised)} raised")
+    for text, n in errors.most_common(8):
+        print(n, text)
+
+
+async def test_consumes_while_connections_are_terminated_charge_once_per_key(
+    db: Database, settings: Settings, make_database: MakeDatabase
+) -> None:
+    budget = await BudgetRepository(db).create("swarm", await make_swarm(db), allocated=Decimal("2.00"))
+    chaos = await make_database(postgres_retry_attempts=10, postgres_retry_delay=20)
+    repo = BudgetRepository(chaos)
+    keys = [f"call-{i}" for i in range(300)]  # room for 200 of them
+    jobs = [
+        lambda key=key: repo.try_consume(budget.id, 1, Decimal("0.01"), idempotency_key=key)  # type: ignore[misc]
+        for key in keys
+    ]
+
+    async with terminating_connections(settings) as killed:
+        outcomes = await gather_outcomes(jobs, workers=16)
+
+    granted: set[str] = set()
+    raised: set[str] = set()
+    for i, outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            assert isinstance(outcome, DashStorageError), repr(outcome)
+            raised.add(keys[i])
+        else:
+            assert outcome.status in (ConsumeStatus.GRANTED, ConsumeStatus.INSUFFICIENT), outcome
+            if outcome.granted:
+                granted.add(keys[i])
+
+    async def charged() -> tuple[set[str], Decimal, int, Decimal, int]:
+        admin = await admin_connect(settings, TEST_DB)
+        try:
+            entries = await admin.fetch("SELECT idempotency_key, cost, tokens FROM budget_ledger")
+            row = await admin.fetchrow("SELECT consumed, used_tokens FROM budgets WHERE id = $1", budget.id)
+        finally:
+            await admin.close()
+        assert row is not None
+        cost = sum((e["cost"] for e in entries), Decimal(0))
+        tokens = sum(e["tokens"] for e in entries)
+        return {e["idempotency_key"] for e in entries}, cost, tokens, row["consumed"], row["used_tokens"]
+
+    ledger_keys, ledger_cost, ledger_tokens, consumed, used = await charged()
+    assert (consumed, used) == (ledger_cost, ledger_tokens)  # counters == ledger, always
+    assert consumed <= Decimal("2.00")
+    assert granted <= ledger_keys <= granted | raised  # charged: every grant, plus maybe lost answers
+    assert killed[0] > 0
+
+    # Asking again with the same keys (calm now) settles every call that raised, without a
+    # second charge for the ones whose answer was lost.
+    calm = BudgetRepository(db)
+    for key in sorted(raised):
+        result = await calm.try_consume(budget.id, 1, "0.01", idempotency_key=key)
+        # DUPLICATE = the lost attempt had charged; GRANTED = it had not; INSUFFICIENT = full.
+        assert result.status is not ConsumeStatus.NOT_FOUND, key
+        if result.granted:
+            granted.add(key)
+    ledger_keys, ledger_cost, ledger_tokens, consumed, used = await charged()
+    assert ledger_keys == granted
+    assert consumed == ledger_cost == Decimal("0.01") * len(granted) == Decimal("2.00")
+    assert used == ledger_tokens == len(granted) == 200
+    print(f"\nterminated {killed[0]} connections; {len(raised)} consumes raised, settled by asking again")
+
+
+# -- an answer lost after the write committed -------------------------------------------------------
+
+
+class LostAnswerDatabase(Database):
+    """A real Database that, for every retried call, runs it once, throws the answer away (as if the
+    connection dropped after COMMIT) and runs it again as a retry attempt. ``replays`` counts them."""
+
+    replays = 0
+
+    async def _call(
+        self, method: str, query: str, args: Sequence[Any], retry: bool, timeout: float | None
+    ) -> Any:
+        if retry:
+            self.replays += 1
+            await super()._call(method, query, args, False, timeout)
+        return await super()._call(method, query, args, False, timeout)
+
+    async def run(
+        self, fn: Callable[[Connection, int], Awaitable[T]], *, retry: bool = False, transaction: bool = False
+    ) -> T:
+        if not retry:
+            return await super().run(fn, transaction=transaction)
+
+        async def first(con: Connection, _: int) -> T:
+            return await fn(con, 1)
+
+        async def second(con: Connection, _: int) -> T:
+            return await fn(con, 2)
+
+        self.replays += 1
+        await super().run(first, transaction=transaction)
+        return await super().run(second, transaction=transaction)
+
+
+@pytest.fixture
+async def lossy(db: Database, settings: Settings) -> AsyncIterator[LostAnswerDatabase]:
+    d = LostAnswerDatabase(settings)
+    await d.initialize()
+    yield d
+    await d.close()
+
+
+async def test_lost_answer_create_returns_the_stored_event(db: Database, lossy: LostAnswerDatabase) -> None:
+    swarm = await make_swarm(db)
+    repo = EventRepository(lossy)
+    event = await repo.create(swarm, "once", payload={"a": 1})
+    assert await EventRepository(db).find_by_id(event.id) == event
+    batch = await repo.create_many(
+        [{"swarm_id": swarm, "type": f"b{i}", "id": uuid.uuid4()} for i in range(25)]
+    )
+    assert [e.type for e in batch] == [f"b{i}" for i in range(25)]
+    assert await db.fetchval("SELECT count(*) FROM events") == 26
+    assert await EventRepository(db).find_by_filter(types=[f"b{i}" for i in range(25)], limit=1000) == sorted(
+        batch, key=lambda e: (e.timestamp, e.id)
+    )
+    assert lossy.replays == 2
+
+
+async def test_lost_answer_consume_is_granted_and_charged_once(
+    db: Database, lossy: LostAnswerDatabase
+) -> None:
+    budget = await BudgetRepository(db).create("swarm", await make_swarm(db), allocated="0.03", max_tokens=3)
+    repo = BudgetRepository(lossy)
+    for _ in range(3):  # without a key too: the generated key is kept across the retry
+        result = await repo.try_consume(budget.id, 1, "0.01")
+        assert result.status is ConsumeStatus.GRANTED  # our own lost charge, not a "duplicate"
+    assert (await repo.try_consume(budget.id, 1, "0.01")).status is ConsumeStatus.INSUFFICIENT
+    after = await BudgetRepository(db).find_by_id(budget.id)
+    assert after is not None and (after.consumed, after.used_tokens) == (Decimal("0.03"), 3)
+    assert await db.fetchval("SELECT count(*) FROM budget_ledger") == 3
+    created = await repo.create("project", uuid.uuid4(), allocated=1)
+    assert await BudgetRepository(db).find_by_id(created.id) == created
+    assert lossy.replays == 5
