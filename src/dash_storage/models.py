@@ -16,12 +16,12 @@ from typing import Any, Final, Literal
 
 __all__ = [
     "AGENT_COLUMNS",
-    "UNSET",
     "BUDGET_COLUMNS",
     "EVENT_COLUMNS",
     "LEDGER_COLUMNS",
     "SESSION_COLUMNS",
     "SWARM_COLUMNS",
+    "UNSET",
     "Agent",
     "AgentActivity",
     "AgentStatus",
