@@ -56,11 +56,12 @@ async def run(total: int = 2000, pool_size: int = 16) -> str:
         batch = [{"swarm_id": swarm.id, "type": "llm.call", "payload": {"tokens": 10}} for _ in range(100)]
 
         def batch_columns() -> list[list[Any]]:
+            # The same parallel text arrays the repository sends (uuid/timestamptz cast in SQL).
             payload = orjson.dumps({"tokens": 10}).decode()
             n = len(batch)
             return [
-                [new_id() for _ in range(n)],
-                [swarm.id] * n,
+                [str(new_id()) for _ in range(n)],
+                [str(swarm.id)] * n,
                 [None] * n,
                 ["llm.call"] * n,
                 [payload] * n,

@@ -292,6 +292,14 @@ class Database:
     # -- connections --------------------------------------------------------------------------
 
     async def _acquire(self, pool: asyncpg.Pool) -> Connection:
+        if pool.get_idle_size():
+            # A connection is free: skip the timeout, whose wait_for() costs a task per call.
+            try:
+                return await pool.acquire()
+            except Exception as exc:
+                if not is_driver_error(exc):
+                    raise
+                raise map_error(exc) from exc
         self._waiting += 1
         try:
             return await pool.acquire(timeout=self._acquire_timeout)

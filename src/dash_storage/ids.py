@@ -3,13 +3,16 @@ primary-key index, and known before the INSERT so that a retried create can neve
 
 from __future__ import annotations
 
-import os
+import random
 import threading
 import time
 import uuid
 
 __all__ = ["new_id"]
 
+# Ids must be unique, not secret: the Mersenne Twister (seeded from os.urandom, and re-seeded in a
+# forked child by the random module itself) is several times cheaper than a syscall per id.
+_rand = random.getrandbits
 _lock = threading.Lock()
 _last_ms = 0
 _counter = 0
@@ -23,7 +26,7 @@ def new_id() -> uuid.UUID:
         ms = time.time_ns() // 1_000_000
         if ms > _last_ms:
             _last_ms = ms
-            _counter = int.from_bytes(os.urandom(2), "big") & 0x3FF  # leave room to count up
+            _counter = _rand(10)  # a random start, leaving room to count up
         else:
             _counter += 1
             if _counter > 0xFFF:  # counter overflow: borrow the next millisecond
@@ -31,6 +34,6 @@ def new_id() -> uuid.UUID:
                 _counter = 0
             ms = _last_ms
         counter = _counter
-    rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    rand = _rand(62)
     value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand
     return uuid.UUID(int=value)

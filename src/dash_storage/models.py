@@ -1,18 +1,20 @@
 """Records (immutable, typed) and the value sets of every enumerated column.
 
-Each record's fields are in the order of ``<RECORD>_COLUMNS``, so repositories select exactly those
-columns and build records positionally (``Swarm(*row)``), which is the cheapest way from an asyncpg
-row to an object.
+The table records (Swarm, Agent, Event, Session, Budget, LedgerEntry) are ``NamedTuple``s: typed,
+immutable, and four times cheaper to build than frozen dataclasses, which matters when a query
+returns hundreds of rows. Their fields are in the order of ``<RECORD>_COLUMNS``, so repositories
+select exactly those columns and build records positionally (``Swarm(*row)``). ``record._asdict()``
+gives a dict. Derived results (summaries, usage) are frozen dataclasses.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from decimal import Decimal
 from enum import Enum, StrEnum
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 __all__ = [
     "AGENT_COLUMNS",
@@ -123,8 +125,7 @@ UNSET: Final = _Unset.UNSET
 Unset = Literal[_Unset.UNSET]
 
 
-@dataclass(frozen=True, slots=True)
-class Swarm:
+class Swarm(NamedTuple):
     id: uuid.UUID
     name: str
     config: dict[str, JSON]
@@ -134,8 +135,7 @@ class Swarm:
     completed_at: dt.datetime | None
 
 
-@dataclass(frozen=True, slots=True)
-class Agent:
+class Agent(NamedTuple):
     id: uuid.UUID
     swarm_id: uuid.UUID
     label: str | None
@@ -161,8 +161,7 @@ class Agent:
     metadata: dict[str, JSON]
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     id: uuid.UUID
     swarm_id: uuid.UUID
     agent_id: uuid.UUID | None
@@ -175,8 +174,7 @@ class Event:
     severity: str
 
 
-@dataclass(frozen=True, slots=True)
-class Session:
+class Session(NamedTuple):
     id: uuid.UUID
     tree_data: JSON
     current_branch: str | None
@@ -186,8 +184,7 @@ class Session:
     expires_at: dt.datetime | None
 
 
-@dataclass(frozen=True, slots=True)
-class Budget:
+class Budget(NamedTuple):
     id: uuid.UUID
     swarm_id: uuid.UUID | None
     scope_type: str
@@ -201,8 +198,7 @@ class Budget:
     updated_at: dt.datetime
 
 
-@dataclass(frozen=True, slots=True)
-class LedgerEntry:
+class LedgerEntry(NamedTuple):
     id: uuid.UUID
     budget_id: uuid.UUID
     tokens: int
@@ -211,8 +207,9 @@ class LedgerEntry:
     created_at: dt.datetime
 
 
-def _columns(cls: type) -> str:
-    return ", ".join(f.name if f.name != "timestamp" else '"timestamp"' for f in fields(cls))
+def _columns(cls: type[tuple[Any, ...]]) -> str:
+    names: tuple[str, ...] = cls._fields  # type: ignore[attr-defined]
+    return ", ".join(n if n != "timestamp" else '"timestamp"' for n in names)
 
 
 SWARM_COLUMNS = _columns(Swarm)

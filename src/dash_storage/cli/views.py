@@ -33,7 +33,7 @@ def _uuid(value: str | None, option: str) -> uuid.UUID | None:
 
 def _show(rows: Sequence[Any], columns: Sequence[str], title: str, json_out: bool) -> None:
     if json_out:
-        print_json([asdict(r) for r in rows])
+        print_json([r._asdict() if hasattr(r, "_asdict") else asdict(r) for r in rows])
         return
     table = Table(title=f"{title} ({len(rows)})")
     for col in columns:

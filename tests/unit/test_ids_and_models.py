@@ -1,0 +1,37 @@
+"""Client-generated ids (UUIDv7) and the shape of the records."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+
+import pytest
+
+from dash_storage.ids import new_id
+from dash_storage.models import AGENT_COLUMNS, EVENT_COLUMNS, UNSET, Agent, Event
+
+
+def test_uuid7_layout_and_time() -> None:
+    before = time.time_ns() // 1_000_000
+    value = new_id()
+    after = time.time_ns() // 1_000_000
+    assert value.version == 7 and value.variant == uuid.RFC_4122
+    assert before <= value.int >> 80 <= after + 1
+
+
+def test_ids_are_unique_and_time_ordered() -> None:
+    ids = [new_id() for _ in range(50_000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+
+
+def test_records_are_immutable_and_typed() -> None:
+    event = Event(new_id(), new_id(), None, "t", {}, dt.datetime.now(dt.UTC), None, None, "system", "info")
+    with pytest.raises(AttributeError):
+        event.type = "other"  # type: ignore[misc]
+    assert event._asdict()["type"] == "t"
+    assert EVENT_COLUMNS.split(", ")[5] == '"timestamp"'
+    assert [c.strip('"') for c in EVENT_COLUMNS.split(", ")] == list(Event._fields)
+    assert AGENT_COLUMNS.split(", ") == list(Agent._fields)
+    assert repr(UNSET) == "UNSET"
