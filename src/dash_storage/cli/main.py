@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from dash_storage.cli import migrate, server
+from dash_storage.cli import demo, importer, migrate, server, views
 from dash_storage.cli.common import fail
 from dash_storage.errors import DashStorageError
 
@@ -22,6 +22,9 @@ app.command("up")(server.up)
 app.command("down")(server.down)
 app.command("doctor")(server.doctor)
 app.add_typer(migrate.app, name="migrate")
+app.command("import-sqlite")(importer.import_sqlite)
+app.command("demo")(demo.demo)
+views.register(app)
 
 
 def run() -> None:
