@@ -121,3 +121,40 @@ async def make_database(settings: Settings) -> AsyncIterator[Callable[..., Await
     yield factory
     for d in made:
         await d.close()
+
+
+# -- RELIABILITY.md: written only by a run that executed every reliability test, all passing ----------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "reliability: a fault/input test whose findings go to RELIABILITY.md")
+
+
+_reliability = {"collected": 0, "passed": 0, "failed": 0}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _reliability["collected"] = sum(1 for item in items if item.get_closest_marker("reliability"))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "reliability" not in report.keywords:
+        return
+    if report.failed:
+        _reliability["failed"] += 1
+    elif report.when == "call" and report.passed:
+        _reliability["passed"] += 1
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from tests import reliability
+
+    complete = _reliability["collected"] and _reliability["passed"] == _reliability["collected"]
+    if not complete or _reliability["failed"] or not reliability.FINDINGS:
+        return
+    server = os.environ.get("DASH_RELIABILITY_SERVER") or (
+        "PostgreSQL server at " + os.environ["POSTGRES_HOST"]
+        if os.environ.get("POSTGRES_HOST")
+        else "embedded"
+    )
+    reliability.DOC.write_text(reliability.render(server))
