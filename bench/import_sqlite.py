@@ -1,6 +1,8 @@
 """Benchmark: ``import_sqlite`` of a legacy dash.db with 1,000,000 events.
 
-    POSTGRES_HOST=127.0.0.1 POSTGRES_USER=postgres .venv/bin/python bench/import_sqlite.py
+    make bench                                  # all benchmarks, rewrites BENCHMARKS.md
+    .venv/bin/python -m bench import            # this one only, rewrites its section
+    .venv/bin/python bench/import_sqlite.py --events 20000   # prints the section, other sizes
 
 Builds (once, cached under bench/results/) a legacy file with the test factory's realistic rows,
 imports it into a scratch database ``dash_bench_import`` (created, migrated, dropped), then:
@@ -13,17 +15,15 @@ imports it into a scratch database ``dash_bench_import`` (created, migrated, dro
    conversion, no ON CONFLICT): the straightforward way to load these rows with asyncpg. The
    report gives the importer's rate as a ratio of it (the importer uses two writer connections).
 
-Results are printed as a Markdown snippet; timings are reported, never asserted.
+``run()`` returns the results as a Markdown section; timings are reported, never asserted.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import os
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.legacy_factory
 sys.path.insert(0, str(ROOT / "src"))
 
+from dash_storage.cli.common import run as run_loop  # noqa: E402
 from dash_storage.config import load_settings  # noqa: E402
 from dash_storage.database import Database  # noqa: E402
 from dash_storage.legacy import import_sqlite  # noqa: E402
@@ -128,19 +129,16 @@ async def raw_copy_baseline(db: Database, batch: int) -> tuple[int, float]:
     return len(records), elapsed
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--swarms", type=int, default=300)
-    parser.add_argument("--agents", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=5000)
-    parser.add_argument("--rebuild", action="store_true", help="rebuild the cached legacy file")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch database afterwards")
-    args = parser.parse_args()
-
-    path, build_seconds = legacy_file(args.events, args.swarms, args.agents, args.rebuild)
+async def run(
+    events: int = 1_000_000,
+    swarms: int = 300,
+    agents: int = 600,
+    batch_size: int = 5000,
+    rebuild: bool = False,
+    keep: bool = False,
+) -> str:
+    """Run the benchmark; the results as a Markdown section."""
+    path, build_seconds = legacy_file(events, swarms, agents, rebuild)
     settings = load_settings(postgres_db=BENCH_DB, postgres_min_pool_size=1, postgres_max_pool_size=4)
     await recreate(settings)
     db = Database(settings)
@@ -148,38 +146,30 @@ async def main() -> None:
         how = await migrate(db)
         server_version = await db.fetchval("SHOW server_version")
 
-        first = await import_sqlite(
-            db, path, batch_size=args.batch_size, report_path=RESULTS / "import.jsonl"
-        )
-        second = await import_sqlite(
-            db, path, batch_size=args.batch_size, report_path=RESULTS / "again.jsonl"
-        )
+        first = await import_sqlite(db, path, batch_size=batch_size, report_path=RESULTS / "import.jsonl")
+        second = await import_sqlite(db, path, batch_size=batch_size, report_path=RESULTS / "again.jsonl")
         dry = await import_sqlite(
-            db, path, batch_size=args.batch_size, dry_run=True, report_path=RESULTS / "dry.jsonl"
+            db, path, batch_size=batch_size, dry_run=True, report_path=RESULTS / "dry.jsonl"
         )
-        copied, copy_seconds = await raw_copy_baseline(db, args.batch_size)
+        copied, copy_seconds = await raw_copy_baseline(db, batch_size)
     finally:
         await db.close()
-        if not args.keep:
+        if not keep:
             await drop(settings)
 
     ev = first.tables["events"]
     raw_rate = copied / copy_seconds if copy_seconds else 0.0
-    command = (
-        "POSTGRES_HOST=127.0.0.1 POSTGRES_USER=postgres .venv/bin/python bench/import_sqlite.py "
-        + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    )
     lines = [
-        "### import-sqlite: legacy dash.db → PostgreSQL",
+        "## import-sqlite: legacy dash.db → PostgreSQL (issue 5)",
         "",
         f"- machine: `{platform.machine()}`, {os.cpu_count()} CPUs, PostgreSQL {server_version} "
         f"(schema from {how}), asyncpg {asyncpg.__version__}, Python {platform.python_version()}",
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- command: `{command.strip()}`",
+        "- command: `make bench` / `python -m bench import`",
         f"- legacy file: {path.name} ({path.stat().st_size / 1e6:.0f} MB; "
         f"{first.tables['swarms'].read} swarms, {first.tables['agents'].read} agents, {ev.read:,} events"
         + (f"; built in {build_seconds:.1f} s" if build_seconds is not None else "; cached")
-        + f"), batch size {args.batch_size}",
+        + f"), batch size {batch_size}",
         "",
         "| run | events read | written | already present | rejected | seconds | events/s |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -202,13 +192,31 @@ async def main() -> None:
         if raw_rate
         else "",
     ]
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--swarms", type=int, default=300)
+    parser.add_argument("--agents", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=5000)
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the cached legacy file")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch database afterwards")
+    args = parser.parse_args()
+    print(
+        await run(
+            events=args.events,
+            swarms=args.swarms,
+            agents=args.agents,
+            batch_size=args.batch_size,
+            rebuild=args.rebuild,
+            keep=args.keep,
+        )
+    )
 
 
 if __name__ == "__main__":
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - Windows
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
+    run_loop(main())

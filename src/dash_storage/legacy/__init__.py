@@ -4,15 +4,9 @@
 PostgreSQL (deterministic UUIDs, idempotent, with a report of every mapping, repair and reject).
 """
 
-from dash_storage.legacy.importer import (
-    LEGACY_NAMESPACE,
-    ImportReport,
-    Reject,
-    Repair,
-    TableCounts,
-    import_sqlite,
-    legacy_uuid,
-)
+from dash_storage.legacy.importer import import_sqlite
+from dash_storage.legacy.mapping import LEGACY_NAMESPACE, legacy_uuid
+from dash_storage.legacy.report import ImportReport, Reject, Repair, TableCounts
 from dash_storage.legacy.sqlite import SQLiteStorage
 
 __all__ = [
