@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import typer
@@ -27,8 +28,18 @@ app.command("demo")(demo.demo)
 views.register(app)
 
 
+def _log_to_stderr() -> None:
+    """Library warnings (e.g. a retried connect) as plain lines on stderr, never on stdout (--json)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("dash-db: %(message)s"))
+    logger = logging.getLogger("dash_storage")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+
+
 def run() -> None:
     """Console-script entry point: exit 0 ok, 1 failure, 2 usage error."""
+    _log_to_stderr()
     try:
         app()
     except DashStorageError as exc:

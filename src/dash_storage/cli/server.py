@@ -155,7 +155,9 @@ def doctor(json_out: JsonOpt = False) -> None:
                 f"pool: size {p['size']}, idle {p['idle']}, in use {p['in_use']}, "
                 f"waiting {p['waiting']}, min {p['min']}, max {p['max']}"
             )
-            console.print(f"migrations: {report['migrations']}")
+            m = report["migrations"]
+            states = ", ".join(f"{n} {state}" for state, n in sorted(m.items()) if isinstance(n, int))
+            console.print(f"migrations: {states or m.get('error', 'none')}")
         else:
             console.print(f"[red]cannot connect:[/] {report.get('error', report.get('health'))}")
     if not report.get("connected"):
