@@ -1,10 +1,12 @@
 """EventRepository: the append-only event log.
 
 Writes are idempotent by client-generated id (UUIDv7), so creates are retried safely after a lost
-connection. ``create_many`` sends the whole batch as one statement over arrays (``unnest``): one
-round trip, all or nothing. Reads page with an opaque keyset cursor over ``("timestamp", id)``
-(``EventRepository.cursor(event)``), so paging through a log that is being appended to never skips
-or repeats a row, also when many events share one timestamp.
+connection. ``create_many`` writes a batch all or nothing: a small batch as one INSERT over arrays
+(``unnest``, one round trip), a batch of ``COPY_MIN_BATCH`` events or more as binary COPY in one
+transaction (see ``insert_prepared``; ``EventWriter`` batches concurrent creates through it). Reads
+page with an opaque keyset cursor over ``("timestamp", id)`` (``EventRepository.cursor(event)``),
+so paging through a log that is being appended to never skips or repeats a row, also when many
+events share one timestamp.
 
 Time windows (``since``/``until``) are half-open: ``since <= timestamp < until``.
 """
@@ -14,9 +16,9 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
+import contextlib
 import datetime as dt
 import functools
-import math
 import re
 import struct
 import uuid
@@ -25,11 +27,12 @@ from dataclasses import fields
 from decimal import Decimal
 from typing import Any, Required, TypedDict
 
+import asyncpg
 import orjson
 
 from dash_storage import validation as v
-from dash_storage.database import Connection
-from dash_storage.errors import ConflictError, DatabaseError, ValidationError
+from dash_storage.database import Connection, Database
+from dash_storage.errors import ConflictError, DatabaseError, SerializationConflictError, ValidationError
 from dash_storage.ids import new_id
 from dash_storage.models import (
     EVENT_COLUMNS,
@@ -41,12 +44,18 @@ from dash_storage.models import (
 )
 from dash_storage.repositories.base import Repository
 
-__all__ = ["MAX_BATCH", "EventInput", "EventRepository"]
+__all__ = ["COPY_MIN_BATCH", "MAX_BATCH", "EventInput", "EventRepository", "insert_prepared", "prepare_event"]
 
 ENTITY_TYPES = frozenset(e.value for e in EntityType)
 SEVERITIES = frozenset(s.value for s in Severity)
+# entity_type and severity as binary COPY fields (length, then UTF-8), encoded once.
+_CHOICE_FIELDS = {c: struct.pack(">i", len(c.encode())) + c.encode() for c in ENTITY_TYPES | SEVERITIES}
 #: Most events ``create_many`` accepts in one call (one statement; split bigger batches).
 MAX_BATCH = 10_000
+#: Batches of at least this many events are written with binary COPY, smaller ones with one INSERT
+#: over arrays. COPY costs four round trips (BEGIN, now(), COPY, COMMIT) against the INSERT's one,
+#: but less per row on both sides; they break even between 32 and 64 events (bench/ingest.py).
+COPY_MIN_BATCH = 64
 #: Largest ``hours`` window accepted by get_stats / delete_older_than (100 years).
 MAX_HOURS = 24 * 366 * 100
 #: Largest ``batch_size`` of delete_older_than.
@@ -96,6 +105,25 @@ RETURNING {EVENT_COLUMNS}
 INSERT_EVENTS = INSERT_EVENTS_TEMPLATE.format(on_conflict="")
 # Batch insert, retry attempt: rows written by the lost attempt are skipped (and fetched after).
 INSERT_EVENTS_RETRY = INSERT_EVENTS_TEMPLATE.format(on_conflict="ON CONFLICT (id) DO NOTHING")
+# Binary COPY of a batch: the target table and its columns, in the order _copy_data encodes them.
+# (asyncpg's copy_records_to_table would need binary codecs for every column; the pool's JSONB codec
+# is text-format, so the rows are encoded here, which is as fast and needs no per-connection
+# introspection query.)
+COPY_TABLE = "events"
+COPY_COLUMNS = (
+    "id",
+    "swarm_id",
+    "agent_id",
+    "type",
+    "payload",
+    "timestamp",
+    "correlation_id",
+    "parent_event_id",
+    "entity_type",
+    "severity",
+)
+# The database clock of the COPY's transaction: the value every defaulted timestamp gets.
+SELECT_NOW = "SELECT now()"
 # One event by primary key.
 SELECT_EVENT_BY_ID = f"SELECT {EVENT_COLUMNS} FROM events WHERE id = $1"  # noqa: S608
 # Events by primary keys given as text (the retry path of create_many).
@@ -136,6 +164,19 @@ _CURSOR_LENGTH = 34  # base64url (no padding) of 1 + 8 + 16 bytes
 _CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{34}")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
+# PostgreSQL's binary COPY format: signature, flags (0), header extension length (0); each row is
+# a field count, then per field its length (-1 for NULL) and bytes; the file ends with -1.
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+_COPY_TRAILER = b"\xff\xff"
+_COPY_NULL = b"\xff\xff\xff\xff"
+_COPY_ROW_START = struct.Struct(">hi16si16s")  # field count; id and swarm_id (length, 16 bytes)
+_COPY_LENGTH = struct.Struct(">i")
+_COPY_UUID = struct.Struct(">i16s")
+_COPY_TIMESTAMP = struct.Struct(">iq")  # length 8, microseconds since 2000-01-01 UTC
+_COPY_JSONB_VERSION = b"\x01"
+_PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+_MICROSECOND = dt.timedelta(microseconds=1)
+
 
 class EventInput(TypedDict, total=False):
     """One item of ``create_many``: the keyword arguments of ``create``."""
@@ -152,7 +193,8 @@ class EventInput(TypedDict, total=False):
     id: uuid.UUID | str | None
 
 
-# A validated event, in INSERT_EVENT parameter order (payload still a Python value).
+# A validated event, in INSERT_EVENT parameter order (payload still a Python value, timestamp in
+# UTC).
 _Row = tuple[
     uuid.UUID,
     uuid.UUID,
@@ -185,18 +227,63 @@ def _check_event(
     typ = v.check_text(type, prefix + "type", allow_empty=False)
     assert sid is not None and typ is not None
     data = {} if payload is None else v.check_json(payload, prefix + "payload")
+    ts = v.check_timestamp(timestamp, prefix + "timestamp", optional=True)
+    if ts is not None:
+        try:
+            ts = ts.astimezone(dt.UTC)  # what the database stores and hands back
+        except OverflowError:
+            raise ValidationError(prefix + "timestamp", "is out of range once converted to UTC") from None
     return (
         v.check_uuid(id, prefix + "id", optional=True) or new_id(),
         sid,
         v.check_uuid(agent_id, prefix + "agent_id", optional=True),
         typ,
         data,
-        v.check_timestamp(timestamp, prefix + "timestamp", optional=True),
+        ts,
         v.check_text(correlation_id, prefix + "correlation_id", optional=True),
         v.check_uuid(parent_event_id, prefix + "parent_event_id", optional=True),
         _choice(entity_type, ENTITY_TYPES, prefix + "entity_type"),
         _choice(severity, SEVERITIES, prefix + "severity"),
     )
+
+
+def _dump_payload(value: Any, field: str) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError as exc:
+        raise ValidationError(field, f"is not JSON-serialisable: {exc}") from None
+
+
+def prepare_event(
+    swarm_id: Any,
+    type: Any,
+    agent_id: Any = None,
+    payload: Any = None,
+    timestamp: Any = None,
+    correlation_id: Any = None,
+    parent_event_id: Any = None,
+    entity_type: Any = "system",
+    severity: Any = "info",
+    id: Any = None,
+) -> tuple[_Row, bytes]:
+    """Validate one event as ``create`` does and serialise its payload (for ``insert_prepared``).
+
+    The id is generated here if not given, so every retry of the write carries the same id.
+    """
+    row = _check_event(
+        "",
+        swarm_id,
+        type,
+        agent_id,
+        payload,
+        timestamp,
+        correlation_id,
+        parent_event_id,
+        entity_type,
+        severity,
+        id,
+    )
+    return row, _dump_payload(row[4], "payload")
 
 
 def _choice(value: Any, allowed: frozenset[str], field: str) -> str:
@@ -213,12 +300,7 @@ def _id(value: Any, field: str = "id") -> uuid.UUID:
 
 def _hours(value: Any, field: str = "hours") -> float:
     """A window length in hours: a finite, non-negative number (int, float or Decimal)."""
-    if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
-        raise ValidationError(field, f"must be a number of hours, got {type(value).__name__}")
-    hours = float(value)
-    if not math.isfinite(hours) or hours < 0 or hours > MAX_HOURS:
-        raise ValidationError(field, f"must be between 0 and {MAX_HOURS} hours, got {value}")
-    return hours
+    return v.check_duration(value, field, maximum=MAX_HOURS, allow_zero=True)
 
 
 def _direction(value: Any) -> str:
@@ -351,56 +433,20 @@ class EventRepository(Repository):
         return await self.db.run(insert, retry=True)
 
     async def create_many(self, events: Iterable[EventInput | Mapping[str, Any]]) -> builtins.list[Event]:
-        """Append a batch in ONE statement, all or nothing; returns the events in input order.
+        """Append a batch, all or nothing; returns the events in input order, as stored.
 
         Each item is a mapping with the keyword arguments of ``create`` (see ``EventInput``). Every
         item is validated before any SQL (errors name e.g. ``events[3].type``). Ids are generated up
-        front, so a retry after a lost connection returns each event exactly once. At most
+        front, so a retry after a lost connection returns each event exactly once. A batch of
+        ``COPY_MIN_BATCH`` or more goes through binary COPY, a smaller one is one INSERT statement.
+        Timestamps not given are the database's ``now()`` of the writing transaction. At most
         ``MAX_BATCH`` items.
         """
         rows = _check_batch(events)
         if not rows:
             return []
-        ids = [r[0] for r in rows]
-        payloads: list[str | None] = []
-        for i, r in enumerate(rows):
-            try:
-                payloads.append(orjson.dumps(r[4]).decode())
-            except TypeError as exc:
-                raise ValidationError(f"events[{i}].payload", f"is not JSON-serialisable: {exc}") from None
-        # Parallel text arrays, one per column, for unnest() (see INSERT_EVENTS_TEMPLATE).
-        columns: list[list[str | None]] = [
-            [str(r[0]) for r in rows],
-            [str(r[1]) for r in rows],
-            [None if r[2] is None else str(r[2]) for r in rows],
-            [r[3] for r in rows],
-            payloads,
-            [None if r[5] is None else r[5].isoformat() for r in rows],
-            [r[6] for r in rows],
-            [None if r[7] is None else str(r[7]) for r in rows],
-            [r[8] for r in rows],
-            [r[9] for r in rows],
-        ]
-
-        async def insert(con: Connection, attempt: int) -> builtins.list[Event]:
-            if attempt == 1:
-                got = await con.fetch(INSERT_EVENTS, *columns)
-                by_id = {r[0]: r for r in got}
-            else:
-                got = await con.fetch(INSERT_EVENTS_RETRY, *columns)
-                by_id = {r[0]: r for r in got}
-                missing = [i for i in ids if i not in by_id]
-                if missing:  # written by the attempt whose answer was lost
-                    for r in await con.fetch(SELECT_EVENTS_BY_IDS, [str(i) for i in missing]):
-                        by_id[r[0]] = r
-            try:
-                return [Event(*by_id[i]) for i in ids]
-            except KeyError as exc:
-                # Only possible on a retry, if an id already belonged to a different event that was
-                # then deleted, or an explicit id collided; never silently return a short list.
-                raise DatabaseError(f"event {exc.args[0]} of the batch could not be read back") from None
-
-        return await self.db.run(insert, retry=True)
+        payloads = [_dump_payload(r[4], f"events[{i}].payload") for i, r in enumerate(rows)]
+        return await insert_prepared(self.db, rows, payloads)
 
     async def find_by_id(self, id: uuid.UUID | str) -> Event | None:
         """The event with this id, or None."""
@@ -529,6 +575,148 @@ class EventRepository(Repository):
             total += deleted
             if deleted < size:
                 return total
+
+
+async def insert_prepared(db: Database, rows: Sequence[_Row], payloads: Sequence[bytes]) -> list[Event]:
+    """Write validated events (see ``prepare_event``) all or nothing; the stored events, in order.
+
+    Retried on transient failures: ids are fixed, and a retry attempt writes only the events the
+    lost attempt did not, so every event is stored once. Rows must have distinct ids.
+    """
+    if len(rows) >= COPY_MIN_BATCH:
+        return await db.run(functools.partial(_copy_attempt, rows, payloads), retry=True)
+    return await db.run(functools.partial(_insert_attempt, rows, payloads), retry=True)
+
+
+async def _insert_attempt(
+    rows: Sequence[_Row], payloads: Sequence[bytes], con: Connection, attempt: int
+) -> list[Event]:
+    """One INSERT over parallel text arrays (see INSERT_EVENTS_TEMPLATE)."""
+    columns: list[list[str | None]] = [
+        [str(r[0]) for r in rows],
+        [str(r[1]) for r in rows],
+        [None if r[2] is None else str(r[2]) for r in rows],
+        [r[3] for r in rows],
+        [p.decode() for p in payloads],
+        [None if r[5] is None else r[5].isoformat() for r in rows],
+        [r[6] for r in rows],
+        [None if r[7] is None else str(r[7]) for r in rows],
+        [r[8] for r in rows],
+        [r[9] for r in rows],
+    ]
+    if attempt == 1:
+        by_id = {r[0]: r for r in await con.fetch(INSERT_EVENTS, *columns)}
+    else:
+        by_id = {r[0]: r for r in await con.fetch(INSERT_EVENTS_RETRY, *columns)}
+        missing = [str(r[0]) for r in rows if r[0] not in by_id]
+        if missing:  # written by the attempt whose answer was lost
+            for r in await con.fetch(SELECT_EVENTS_BY_IDS, missing):
+                by_id[r[0]] = r
+    try:
+        return [Event(*by_id[r[0]]) for r in rows]
+    except KeyError as exc:
+        # Only possible on a retry, if an id already belonged to a different event that was then
+        # deleted, or an explicit id collided; never silently return a short list.
+        raise DatabaseError(f"event {exc.args[0]} of the batch could not be read back") from None
+
+
+async def _copy_attempt(
+    rows: Sequence[_Row], payloads: Sequence[bytes], con: Connection, attempt: int
+) -> list[Event]:
+    """One transaction: read now(), binary COPY, commit."""
+    tx = con.transaction()
+    await tx.start()
+    try:
+        events = await _copy_in_transaction(rows, payloads, con, attempt)
+    except BaseException:
+        # Roll back, but let the original error decide what happens next: when the connection was
+        # lost mid-COPY the rollback fails too ("another operation is in progress"), and that
+        # must not hide the transient error that makes the attempt worth retrying. (A connection
+        # left in a transaction is rolled back by the pool on release, or discarded if broken.)
+        with contextlib.suppress(Exception):
+            await tx.rollback()
+        raise
+    await tx.commit()
+    return events
+
+
+async def _copy_in_transaction(
+    rows: Sequence[_Row], payloads: Sequence[bytes], con: Connection, attempt: int
+) -> list[Event]:
+    """Binary COPY; defaulted timestamps get the transaction's now(). A retry attempt first reads
+    the events the lost attempt committed and copies only the rest."""
+    stored: dict[uuid.UUID, Event] = {}
+    todo, todo_payloads = rows, payloads
+    if attempt > 1:
+        for r in await con.fetch(SELECT_EVENTS_BY_IDS, [str(r[0]) for r in rows]):
+            stored[r[0]] = Event(*r)
+        if stored:
+            kept = [i for i, r in enumerate(rows) if r[0] not in stored]
+            todo, todo_payloads = [rows[i] for i in kept], [payloads[i] for i in kept]
+    if not todo:
+        return [stored[r[0]] for r in rows]
+    now: dt.datetime | None = None
+    if any(r[5] is None for r in todo):
+        now = await con.fetchval(SELECT_NOW)
+    data = _copy_data(todo, todo_payloads, now)
+    try:
+        # A memoryview: asyncpg sends any buffer as is (bytes would be taken for a file path).
+        await con.copy_to_table(
+            COPY_TABLE,
+            source=memoryview(data),  # type: ignore[arg-type]  # buffers are documented, not in the stubs
+            columns=COPY_COLUMNS,
+            format="binary",
+        )
+    except asyncpg.UniqueViolationError as exc:
+        if attempt == 1:
+            raise
+        # The lost attempt's transaction committed only now (its backend outlived the connection):
+        # not a real conflict. Retry; the next attempt reads those rows.
+        raise SerializationConflictError(f"events of the batch were committed concurrently: {exc}") from exc
+    # The events as stored: every value is what was sent (timestamps in UTC, as the database hands
+    # them back); the payload is decoded from the very JSON text sent. JSONB keeps its values; what
+    # a read may spell differently is key order (dict equality ignores it) and a float written with
+    # an exponent that is a whole number (1e+16 reads back as the equal int 10000000000000000).
+    written = [
+        Event(r[0], r[1], r[2], r[3], orjson.loads(p), r[5] or now, r[6], r[7], r[8], r[9])  # type: ignore[arg-type]
+        for r, p in zip(todo, todo_payloads, strict=True)
+    ]
+    if not stored:
+        return written
+    stored.update((e.id, e) for e in written)
+    return [stored[r[0]] for r in rows]
+
+
+def _copy_data(rows: Sequence[_Row], payloads: Sequence[bytes], now: dt.datetime | None) -> bytes:
+    """The rows in PostgreSQL's binary COPY format, columns in COPY_COLUMNS order."""
+    default_ts = b"" if now is None else _COPY_TIMESTAMP.pack(8, (now - _PG_EPOCH) // _MICROSECOND)
+    length, uuid_field, null = _COPY_LENGTH.pack, _COPY_UUID.pack, _COPY_NULL
+    out = [_COPY_HEADER]
+    for r, p in zip(rows, payloads, strict=True):
+        typ = r[3].encode()
+        corr = None if r[6] is None else r[6].encode()
+        out.append(
+            b"".join(
+                (
+                    _COPY_ROW_START.pack(len(COPY_COLUMNS), 16, r[0].bytes, 16, r[1].bytes),
+                    null if r[2] is None else uuid_field(16, r[2].bytes),
+                    length(len(typ)),
+                    typ,
+                    length(len(p) + 1),
+                    _COPY_JSONB_VERSION,
+                    p,
+                    default_ts
+                    if r[5] is None
+                    else _COPY_TIMESTAMP.pack(8, (r[5] - _PG_EPOCH) // _MICROSECOND),
+                    null if corr is None else length(len(corr)) + corr,
+                    null if r[7] is None else uuid_field(16, r[7].bytes),
+                    _CHOICE_FIELDS[r[8]],
+                    _CHOICE_FIELDS[r[9]],
+                )
+            )
+        )
+    out.append(_COPY_TRAILER)
+    return b"".join(out)
 
 
 def _check_batch(events: Any) -> list[_Row]:
