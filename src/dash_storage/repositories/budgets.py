@@ -6,16 +6,24 @@ checks headroom (cost against ``allocated``, tokens against ``max_tokens``), wri
 serialize on the row lock; the table's CHECK constraints are the last line of defence, so
 ``consumed`` can never exceed ``allocated`` nor ``used_tokens`` exceed ``max_tokens``.
 
+Hot budgets: by default concurrent consumes of the SAME budget within one process (one Database)
+are combined into one statement and one commit (``budget_batcher.CONSUME_BATCH``), judged greedily
+in arrival order: each is granted if it fits the headroom the grants before it left, and one that
+does not fit leaves that headroom to later, smaller ones. A caller alone sends ``CONSUME`` at once.
+``BudgetRepository(db, combine=False)`` sends every consume on its own instead. See
+``budget_batcher`` for the details.
+
 Idempotency: every consume carries a key (generated when the caller gives none), so a retry after a
 lost connection answers instead of charging twice. A repeated key answers ``DUPLICATE`` (granted)
 without charging again; a repeated key with different amounts is a ConflictError. Only granted
 charges are recorded: an ``INSUFFICIENT`` answer leaves no trace, so the same key may be granted
 later if the budget grows.
 
-Semantics of the limits: reaching a limit exactly is allowed. ``max_tokens`` NULL means unlimited,
-0 means zero tokens (a charge with ``tokens=0`` still passes the token check). ``allocated`` 0
-means no money: only ``cost=0`` charges pass. "Exceeded" means no headroom left:
-``consumed >= allocated`` or ``used_tokens >= max_tokens``.
+Semantics of the limits: reaching a limit exactly is allowed. ``max_tokens`` NULL means unlimited
+(up to BIGINT's range: a charge past it is INSUFFICIENT, not an error), 0 means zero tokens (a
+charge with ``tokens=0`` still passes the token check). ``allocated`` 0 means no money: only
+``cost=0`` charges pass. "Exceeded" means no headroom left: ``consumed >= allocated`` or
+``used_tokens >= max_tokens``.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from dash_storage import validation as v
-from dash_storage.database import Connection
+from dash_storage.database import Connection, Database
 from dash_storage.errors import ConflictError, NotFoundError, ValidationError
 from dash_storage.ids import new_id
 from dash_storage.models import (
@@ -43,8 +51,24 @@ from dash_storage.models import (
     Unset,
 )
 from dash_storage.repositories.base import Repository
+from dash_storage.repositories.budget_batcher import (  # the consume statements live there
+    CONSUME,
+    CONSUME_BATCH,
+    SELECT_LEDGER_BY_KEY,
+    SELECT_LEDGER_BY_KEYS,
+    ConsumeRequest,
+    combiner_for,
+    consume_one,
+)
 
-__all__ = ["BUDGET_ORDER_COLUMNS", "BudgetRepository"]
+__all__ = [
+    "BUDGET_ORDER_COLUMNS",
+    "CONSUME",
+    "CONSUME_BATCH",
+    "SELECT_LEDGER_BY_KEY",
+    "SELECT_LEDGER_BY_KEYS",
+    "BudgetRepository",
+]
 
 SCOPE_TYPES = frozenset(s.value for s in ScopeType)
 CURRENCIES = frozenset(c.value for c in Currency)
@@ -57,7 +81,6 @@ BUDGET_ORDER_COLUMNS = {
 }
 #: Columns ``update`` may set, in the order their parameters are numbered.
 UPDATABLE_COLUMNS = ("allocated", "currency", "max_tokens")
-_R_COLUMNS = ", ".join("r." + c.strip() for c in BUDGET_COLUMNS.split(","))
 _HUNDRED = Decimal(100)
 _CENT = Decimal("0.01")
 
@@ -90,53 +113,6 @@ UPDATE budgets SET {{assignments}} WHERE id = $1 RETURNING {BUDGET_COLUMNS}
 """  # noqa: S608
 # Delete one budget (its ledger cascades).
 DELETE_BUDGET = "DELETE FROM budgets WHERE id = $1 RETURNING 1"
-# The whole consume in one statement: $1 budget, $2 tokens, $3 cost, $4 idempotency key, $5 ledger id.
-#   b      locks the budget row; after waiting for a concurrent consume it sees that one's result
-#          (READ COMMITTED re-reads the newest row version), so the headroom check is exact.
-#   prior  the ledger row of this key, if one was committed before this statement's snapshot.
-#   led    writes the ledger row only if the key is new and the charge fits; the unique index
-#          catches a same-key charge committed after the snapshot (then nothing is written).
-#   upd    applies the charge to the counters only if the ledger row was written.
-# Answer: no row = no budget; else granted?, settled? (false = the row changed after our snapshot,
-# so a same-key charge may be hidden from `prior`: the caller looks the key up again), the prior
-# ledger row (id, tokens, cost) if any, and the budget (after the charge if granted).
-CONSUME = f"""
-WITH b AS (
-    SELECT {BUDGET_COLUMNS}, xmin AS ver FROM budgets WHERE id = $1::uuid FOR UPDATE
-),
-prior AS (
-    SELECT id, tokens, cost FROM budget_ledger WHERE budget_id = $1::uuid AND idempotency_key = $4::text
-),
-led AS (
-    INSERT INTO budget_ledger (id, budget_id, tokens, cost, idempotency_key)
-    SELECT $5::uuid, b.id, $2::bigint, $3::numeric, $4::text FROM b
-    WHERE NOT EXISTS (SELECT 1 FROM prior)
-      AND b.consumed + $3::numeric <= b.allocated
-      AND (b.max_tokens IS NULL OR b.used_tokens + $2::bigint <= b.max_tokens)
-    ON CONFLICT (budget_id, idempotency_key) DO NOTHING
-    RETURNING budget_id
-),
-upd AS (
-    UPDATE budgets
-    SET consumed = budgets.consumed + $3::numeric, used_tokens = budgets.used_tokens + $2::bigint
-    WHERE budgets.id IN (SELECT budget_id FROM led)
-    RETURNING {BUDGET_COLUMNS}
-)
-SELECT r.granted,
-       r.granted OR r.ver = (SELECT s.xmin FROM budgets s WHERE s.id = $1::uuid) AS settled,
-       p.id, p.tokens, p.cost,
-       {_R_COLUMNS}
-FROM (
-    SELECT true AS granted, NULL::xid AS ver, {BUDGET_COLUMNS} FROM upd
-    UNION ALL
-    SELECT false, ver, {BUDGET_COLUMNS} FROM b WHERE NOT EXISTS (SELECT 1 FROM upd)
-) r
-LEFT JOIN prior p ON true
-"""  # noqa: S608
-# The ledger row of one idempotency key (the rare path of a consume racing a same-key consume).
-SELECT_LEDGER_BY_KEY = """
-SELECT id, tokens, cost FROM budget_ledger WHERE budget_id = $1 AND idempotency_key = $2
-"""
 # reset_consumption step 1: lock the budget so no consume commits between the next two statements.
 LOCK_BUDGET = "SELECT 1 FROM budgets WHERE id = $1 FOR UPDATE"
 # reset_consumption step 2: forget the budget's ledger (it must keep summing to the counters).
@@ -235,16 +211,19 @@ def _exceeded(b: Budget) -> bool:
     return b.consumed >= b.allocated or (b.max_tokens is not None and b.used_tokens >= b.max_tokens)
 
 
-def _fits(b: Budget, tokens: int, cost: Decimal) -> bool:
-    return b.consumed + cost <= b.allocated and (
-        b.max_tokens is None or b.used_tokens + tokens <= b.max_tokens
-    )
-
-
 class BudgetRepository(Repository):
-    """Budgets per scope (swarm, agent, project): create, read, update, consume, report, reset."""
+    """Budgets per scope (swarm, agent, project): create, read, update, consume, report, reset.
 
-    __slots__ = ()
+    ``combine`` (default True): concurrent consumes of one budget on the same Database are sent
+    together, one statement and one commit per batch (see the module docstring). False sends each
+    consume as its own statement.
+    """
+
+    __slots__ = ("_combine",)
+
+    def __init__(self, db: Database | None = None, *, combine: bool = True) -> None:
+        super().__init__(db)
+        self._combine = combine
 
     async def create(
         self,
@@ -396,35 +375,16 @@ class BudgetRepository(Repository):
         again), INSUFFICIENT (does not fit: nothing charged or recorded) or NOT_FOUND. Safe to retry;
         a key reused with different amounts raises ConflictError.
         """
-        bid = _id(budget_id, "budget_id")
-        tok = _tokens(tokens)
-        amount = _money(cost, "cost")
-        key = _key(idempotency_key)
-        ledger_id = new_id()
-        row = await self.db.fetchrow(CONSUME, bid, tok, amount, key, ledger_id, retry=True)
-        if row is None:
-            return ConsumeResult(ConsumeStatus.NOT_FOUND, bid, key)
-        granted, settled, prior_id, prior_tokens, prior_cost = row[:5]
-        budget = Budget(*row[5:])
-        if granted:
-            return ConsumeResult(ConsumeStatus.GRANTED, bid, key, budget)
-        if prior_id is None and (not settled or _fits(budget, tok, amount)):
-            # A same-key charge may have committed after this statement's snapshot (while it
-            # waited for the row lock): look the key up again with a fresh snapshot.
-            again = await self.db.fetchrow(SELECT_LEDGER_BY_KEY, bid, key, retry=True)
-            if again is not None:
-                prior_id, prior_tokens, prior_cost = again
-        if prior_id is None:
-            return ConsumeResult(ConsumeStatus.INSUFFICIENT, bid, key, budget)
-        if prior_tokens != tok or prior_cost != amount:
-            raise ConflictError(
-                f"idempotency_key {key!r} was already used on budget {bid} for a different charge "
-                f"(tokens={prior_tokens}, cost={prior_cost})",
-                constraint="budget_ledger_idempotency_unique",
-            )
-        # Our own ledger row (an attempt whose answer was lost) is this call's grant, not a repeat.
-        status = ConsumeStatus.GRANTED if prior_id == ledger_id else ConsumeStatus.DUPLICATE
-        return ConsumeResult(status, bid, key, budget)
+        req = ConsumeRequest(
+            _id(budget_id, "budget_id"),
+            _tokens(tokens),
+            _money(cost, "cost"),
+            _key(idempotency_key),
+            new_id(),
+        )
+        if self._combine:
+            return await combiner_for(self.db).consume(req)
+        return await consume_one(self.db, req)
 
     async def consume_budget(
         self,

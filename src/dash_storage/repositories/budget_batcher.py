@@ -1,0 +1,588 @@
+"""Budget consumption: the one-statement consume, and the combiner for hot budgets.
+
+One conditional UPDATE per call is bound by one commit (one WAL flush) per call: a budget that many
+agents spend from at once tops out at a few thousand charges per second. The :class:`ConsumeCombiner`
+removes that bound inside one process: concurrent consumes of the SAME budget are sent as ONE
+statement (``CONSUME_BATCH``) and ONE commit, which grants them in order while headroom lasts.
+
+How requests combine (no timers): the first caller for a budget becomes its *leader* and sends
+what is queued for that budget; while that statement is in flight, new callers for the budget
+queue up and wait. When the answer is back, every caller of the batch gets its own result and the
+first queued caller (if any) leads the next batch. A single caller therefore sends its consume at
+once, and its batch of one runs the plain one-statement ``CONSUME``. (After a batch of several,
+the next leader yields to the event loop once before taking its batch, so that the callers just
+answered can queue again and go together instead of one early riser going alone.) Each budget has
+its own queue: budgets never share a batch, and a missing budget answers NOT_FOUND to its own
+callers only.
+
+Order ("in order while headroom lasts", greedy in arrival order): requests are judged in the order
+their calls were made (the order they reached the queue), batch after batch, exactly as if they
+had been sent one at a time in that order. Each request whose charge (cost against
+``allocated``, tokens against ``max_tokens``) fits the headroom left after the grants before it is
+GRANTED; one that does not fit is INSUFFICIENT and charges nothing, so later, smaller requests of
+the same batch may still be granted. A key already in the ledger answers DUPLICATE (or
+ConflictError for different amounts) and charges nothing. Each answer carries the budget as it
+stands at that request's turn (after its own charge if granted).
+
+Idempotency inside a batch: a batch holds each idempotency key once. A call repeating a queued
+key with the same amounts rides along with the first one and gets its answer as a repeat
+(GRANTED -> DUPLICATE; otherwise the same status); a call repeating a queued key with different
+amounts waits for a later batch, where it meets the first call's ledger row (ConflictError) or its
+absence, as it would one at a time.
+
+Safety does not depend on combining: the row lock taken by each statement and the table's CHECK
+constraints remain the arbiter, across processes too (combining only happens inside one process,
+per Database). A transient failure re-sends the whole batch once, with the same idempotency keys
+and the same client-generated ledger ids, so a batch whose answer was lost after COMMIT is
+recognised (our own ledger rows) and nothing is charged twice. If that fails too, the batch
+breaks up: each of its callers retries its own request alone with the one-statement ``CONSUME``
+(same key, same ledger id) under the configured retry policy, exactly as without combining, so a
+flaky connection never holds a whole batch of callers hostage to one retry loop; for the next
+SOLO_PAUSE seconds that Database's consumes are then not combined at all. (Arrival order is not
+kept across such a failure.)
+
+One documented imprecision: if another process commits a charge under the SAME idempotency key
+while a batch waits for the row lock, the batch's snapshot cannot see it, so the walk counts that
+request as a new charge (the ledger's unique index then refuses its row, and after a fresh look-up
+it answers DUPLICATE). The requests after it that the walk refused are judged again in the next
+batch, since they may fit after all; those it granted stay granted. In that race the order can
+bend (a later request may be granted before an earlier one), the limits never do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+import weakref
+from decimal import Decimal
+from typing import Any
+
+from dash_storage.database import Database
+from dash_storage.errors import ConflictError, is_transient
+from dash_storage.models import BUDGET_COLUMNS, Budget, ConsumeResult, ConsumeStatus
+from dash_storage.retry import RetryPolicy, retry_call
+
+__all__ = [
+    "BATCH_RETRIES",
+    "CONSUME",
+    "CONSUME_BATCH",
+    "MAX_BATCH",
+    "SELECT_LEDGER_BY_KEY",
+    "SELECT_LEDGER_BY_KEYS",
+    "SOLO_PAUSE",
+    "ConsumeCombiner",
+    "ConsumeRequest",
+    "combiner_for",
+    "consume_many",
+    "consume_one",
+]
+
+#: Most requests sent in one statement. The greedy walk costs a few microseconds per request
+#: (more for long batches), so a cap keeps the row lock short; the rest go in the next batch.
+MAX_BATCH = 500
+#: Retries of a whole batch after a transient failure, before its requests are retried one by one.
+BATCH_RETRIES = 1
+#: Seconds without combining after a batch broke up: while connections keep failing, independent
+#: retries (as without combining) get through more often than one batch retried by one caller.
+SOLO_PAUSE = 1.0
+_R_COLUMNS = ", ".join("r." + c.strip() for c in BUDGET_COLUMNS.split(","))
+_B_COLUMNS = ", ".join("b." + c.strip() for c in BUDGET_COLUMNS.split(","))
+_BIGINT_MAX = 9223372036854775807
+
+# The whole consume in one statement: $1 budget, $2 tokens, $3 cost, $4 idempotency key, $5 ledger id.
+#   b      locks the budget row; after waiting for a concurrent consume it sees that one's result
+#          (READ COMMITTED re-reads the newest row version), so the headroom check is exact.
+#   prior  the ledger row of this key, if one was committed before this statement's snapshot.
+#   led    writes the ledger row only if the key is new and the charge fits (unlimited tokens
+#          still cannot pass bigint's range); the unique index catches a same-key charge committed
+#          after the snapshot (then nothing is written).
+#   upd    applies the charge to the counters only if the ledger row was written.
+# Answer: no row = no budget; else granted?, settled? (false = the row changed after our snapshot,
+# so a same-key charge may be hidden from `prior`: the caller looks the key up again), the prior
+# ledger row (id, tokens, cost) if any, and the budget (after the charge if granted).
+CONSUME = f"""
+WITH b AS (
+    SELECT {BUDGET_COLUMNS}, xmin AS ver FROM budgets WHERE id = $1::uuid FOR UPDATE
+),
+prior AS (
+    SELECT id, tokens, cost FROM budget_ledger WHERE budget_id = $1::uuid AND idempotency_key = $4::text
+),
+led AS (
+    INSERT INTO budget_ledger (id, budget_id, tokens, cost, idempotency_key)
+    SELECT $5::uuid, b.id, $2::bigint, $3::numeric, $4::text FROM b
+    WHERE NOT EXISTS (SELECT 1 FROM prior)
+      AND b.consumed + $3::numeric <= b.allocated
+      AND b.used_tokens::numeric + $2::bigint <= COALESCE(b.max_tokens, {_BIGINT_MAX})
+    ON CONFLICT (budget_id, idempotency_key) DO NOTHING
+    RETURNING budget_id
+),
+upd AS (
+    UPDATE budgets
+    SET consumed = budgets.consumed + $3::numeric, used_tokens = budgets.used_tokens + $2::bigint
+    WHERE budgets.id IN (SELECT budget_id FROM led)
+    RETURNING {BUDGET_COLUMNS}
+)
+SELECT r.granted,
+       r.granted OR r.ver = (SELECT s.xmin FROM budgets s WHERE s.id = $1::uuid) AS settled,
+       p.id, p.tokens, p.cost,
+       {_R_COLUMNS}
+FROM (
+    SELECT true AS granted, NULL::xid AS ver, {BUDGET_COLUMNS} FROM upd
+    UNION ALL
+    SELECT false, ver, {BUDGET_COLUMNS} FROM b WHERE NOT EXISTS (SELECT 1 FROM upd)
+) r
+LEFT JOIN prior p ON true
+"""  # noqa: S608
+
+# A batch of consumes of ONE budget in one statement. $1 budget; $2 tokens, $3 costs, $4 keys (distinct)
+# and $5 ledger ids, as parallel text arrays in arrival order (text[] needs no per-connection type
+# introspection by asyncpg; the casts happen here).
+#   b      locks the budget row (see CONSUME: after a wait it holds the newest version).
+#   req    one row per request, n = its position.
+#   prior  the ledger row of each key that has one (an index lookup per key, never a scan of a
+#          long ledger: LIMIT 1 keeps the lateral subquery from being flattened into a join).
+#   arr    the amounts as arrays, MATERIALIZED so that the walk reads them once, not per step.
+#   walk   the greedy pass: step i grants request i (ok) if its key is new and its charge fits
+#          what the grants before it left; a request that does not fit charges nothing. Tokens
+#          are summed as numeric and capped at bigint's range so no sum can overflow.
+#   led    the ledger rows of the granted requests; the unique index refuses a key that another
+#          process committed after this statement's snapshot (that request is then reported 'r').
+#   upd    adds exactly what `led` wrote to the counters (so the ledger always sums to them).
+# Answer: no row = no budget; else the budget before the batch, the counters and updated_at after
+# it (NULL if nothing was charged), settled? (false = the row changed after our snapshot, so
+# `prior` may have missed keys committed meanwhile: see consume_many), one mark per request
+# (c = charged, i = insufficient, p = key already in the ledger, r = raced: refused by the unique
+# index), and the ledger rows of the 'p' requests in order (id, tokens, cost as text arrays).
+CONSUME_BATCH = f"""
+WITH RECURSIVE
+b AS (
+    SELECT {BUDGET_COLUMNS}, xmin AS ver FROM budgets WHERE id = $1::uuid FOR UPDATE
+),
+req AS (
+    SELECT k.n::int AS n, k.tok::bigint AS tok, k.cost::numeric AS cost, k.key, k.lid::uuid AS lid
+    FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) WITH ORDINALITY AS k(tok, cost, key, lid, n)
+),
+prior AS (
+    SELECT r.n, p.id, p.tokens, p.cost
+    FROM req r CROSS JOIN LATERAL (
+        SELECT l.id, l.tokens, l.cost FROM budget_ledger l
+        WHERE l.budget_id = $1::uuid AND l.idempotency_key = r.key LIMIT 1
+    ) p
+),
+arr AS MATERIALIZED (
+    SELECT array_agg(r.tok ORDER BY r.n) AS tok, array_agg(r.cost ORDER BY r.n) AS cost,
+           array_agg(p.n IS NOT NULL ORDER BY r.n) AS seen, count(*) AS total
+    FROM req r LEFT JOIN prior p ON p.n = r.n
+),
+walk (i, consumed, used, ok) AS (
+    SELECT 0, b.consumed, b.used_tokens::numeric, false FROM b
+    UNION ALL
+    SELECT s.i,
+           s.consumed + CASE WHEN s.ok THEN s.cost ELSE 0 END,
+           s.used + CASE WHEN s.ok THEN s.tok ELSE 0 END,
+           s.ok
+    FROM (
+        SELECT w.i + 1 AS i, w.consumed, w.used, a.cost[w.i + 1] AS cost, a.tok[w.i + 1] AS tok,
+               NOT a.seen[w.i + 1]
+               AND w.consumed + a.cost[w.i + 1] <= b.allocated
+               AND w.used + a.tok[w.i + 1] <= COALESCE(b.max_tokens, {_BIGINT_MAX}) AS ok
+        FROM walk w, arr a, b
+        WHERE w.i < a.total
+    ) s
+),
+led AS (
+    INSERT INTO budget_ledger (id, budget_id, tokens, cost, idempotency_key)
+    SELECT r.lid, $1::uuid, r.tok, r.cost, r.key
+    FROM walk w JOIN req r ON r.n = w.i
+    WHERE w.ok
+    ORDER BY w.i
+    ON CONFLICT (budget_id, idempotency_key) DO NOTHING
+    RETURNING idempotency_key, tokens, cost
+),
+upd AS (
+    UPDATE budgets
+    SET consumed = budgets.consumed + t.cost, used_tokens = budgets.used_tokens + t.tokens
+    FROM (SELECT sum(cost) AS cost, sum(tokens) AS tokens FROM led HAVING count(*) > 0) t
+    WHERE budgets.id = $1::uuid
+    RETURNING budgets.consumed, budgets.used_tokens, budgets.updated_at
+)
+SELECT {_B_COLUMNS}, u.consumed, u.used_tokens, u.updated_at,
+       b.ver = (SELECT s.xmin FROM budgets s WHERE s.id = $1::uuid),
+       (SELECT string_agg(CASE WHEN p.n IS NOT NULL THEN 'p' WHEN NOT w.ok THEN 'i'
+                               WHEN l.idempotency_key IS NULL THEN 'r' ELSE 'c' END, '' ORDER BY w.i)
+        FROM walk w
+        JOIN req r ON r.n = w.i
+        LEFT JOIN prior p ON p.n = w.i
+        LEFT JOIN led l ON l.idempotency_key = r.key),
+       (SELECT array_agg(p.id::text ORDER BY p.n) FROM prior p),
+       (SELECT array_agg(p.tokens::text ORDER BY p.n) FROM prior p),
+       (SELECT array_agg(p.cost::text ORDER BY p.n) FROM prior p)
+FROM b LEFT JOIN upd u ON true
+"""  # noqa: S608
+# The ledger row of one idempotency key (the rare path of a consume racing a same-key consume).
+SELECT_LEDGER_BY_KEY = """
+SELECT id, tokens, cost FROM budget_ledger WHERE budget_id = $1 AND idempotency_key = $2
+"""
+# The ledger rows of several keys (the rare path of a batch racing same-key consumes elsewhere).
+SELECT_LEDGER_BY_KEYS = """
+SELECT idempotency_key, id, tokens, cost FROM budget_ledger
+WHERE budget_id = $1 AND idempotency_key = ANY($2::text[])
+"""
+_NB = len(Budget._fields)
+_MAX_HOT = 10_000
+
+
+class ConsumeRequest:
+    """One validated consume on its way to the database, and (once answered) its outcome."""
+
+    __slots__ = (
+        "alone",
+        "budget_id",
+        "copies",
+        "cost",
+        "error",
+        "key",
+        "ledger_id",
+        "result",
+        "tokens",
+        "waiter",
+    )
+
+    def __init__(self, budget_id: uuid.UUID, tokens: int, cost: Decimal, key: str, ledger_id: uuid.UUID):
+        self.budget_id = budget_id
+        self.tokens = tokens
+        self.cost = cost
+        self.key = key
+        #: Chosen before the first attempt, so a retry recognises its own ledger row.
+        self.ledger_id = ledger_id
+        self.result: ConsumeResult | None = None
+        self.error: BaseException | None = None
+        #: Its batch failed transiently (twice): the caller retries this request on its own.
+        self.alone = False
+        #: Calls with the same key and amounts that ride along with this one (answered as repeats).
+        self.copies: list[ConsumeRequest] = []
+        #: Resolved when the request is answered (False) or its caller must lead a batch (True).
+        self.waiter: asyncio.Future[bool] | None = None
+
+    @property
+    def settled(self) -> bool:
+        """Answered, failed, or handed back to its caller to retry alone."""
+        return self.result is not None or self.error is not None or self.alone
+
+    def answer(self) -> ConsumeResult:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+    def _settle(self, status: ConsumeStatus, budget: Budget | None) -> None:
+        self.result = ConsumeResult(status, self.budget_id, self.key, budget)
+
+    def _conflict(self, tokens: int, cost: Decimal) -> ConflictError:
+        return ConflictError(
+            f"idempotency_key {self.key!r} was already used on budget {self.budget_id} for a different "
+            f"charge (tokens={tokens}, cost={cost})",
+            constraint="budget_ledger_idempotency_unique",
+        )
+
+    def _repeat_of(self, prior_id: Any, tokens: int, cost: Decimal, budget: Budget) -> None:
+        """Answer from the ledger row that already holds this request's key."""
+        if tokens != self.tokens or cost != self.cost:
+            self.error = self._conflict(tokens, cost)
+        elif prior_id == self.ledger_id:
+            # Our own row, written by an attempt whose answer was lost: this call's grant.
+            self._settle(ConsumeStatus.GRANTED, budget)
+        else:
+            self._settle(ConsumeStatus.DUPLICATE, budget)
+
+    def _answer_copies(self) -> None:
+        for copy in self.copies:
+            copy.error = self.error
+            copy.alone = self.alone
+            if self.result is not None:
+                status = self.result.status
+                if status is ConsumeStatus.GRANTED:
+                    status = ConsumeStatus.DUPLICATE
+                copy._settle(status, self.result.budget)
+
+
+def _fits(b: Budget, tokens: int, cost: Decimal) -> bool:
+    """The headroom check of the statements, in Python."""
+    limit = _BIGINT_MAX if b.max_tokens is None else b.max_tokens
+    return b.consumed + cost <= b.allocated and b.used_tokens + tokens <= limit
+
+
+async def consume_one(db: Database, req: ConsumeRequest) -> ConsumeResult:
+    """Charge one request with the one-statement ``CONSUME`` (see BudgetRepository.try_consume)."""
+    bid, tok, amount, key = req.budget_id, req.tokens, req.cost, req.key
+    row = await db.fetchrow(CONSUME, bid, tok, amount, key, req.ledger_id, retry=True)
+    if row is None:
+        return ConsumeResult(ConsumeStatus.NOT_FOUND, bid, key)
+    granted, settled, prior_id, prior_tokens, prior_cost = row[:5]
+    budget = Budget(*row[5:])
+    if granted:
+        return ConsumeResult(ConsumeStatus.GRANTED, bid, key, budget)
+    if prior_id is None and (not settled or _fits(budget, tok, amount)):
+        # A same-key charge may have committed after this statement's snapshot (while it
+        # waited for the row lock): look the key up again with a fresh snapshot.
+        again = await db.fetchrow(SELECT_LEDGER_BY_KEY, bid, key, retry=True)
+        if again is not None:
+            prior_id, prior_tokens, prior_cost = again
+    if prior_id is None:
+        return ConsumeResult(ConsumeStatus.INSUFFICIENT, bid, key, budget)
+    req._repeat_of(prior_id, prior_tokens, prior_cost, budget)
+    return req.answer()
+
+
+async def consume_many(db: Database, budget_id: uuid.UUID, batch: list[ConsumeRequest]) -> None:
+    """Charge a batch of requests (distinct keys, arrival order) for one budget in one statement,
+    setting each request's result or error. A transient failure is retried BATCH_RETRIES times,
+    then raised.
+
+    A request may be left unanswered (no result, no error): it was refused only because the walk
+    counted a charge that another process had already made under the same key (see the module
+    docstring); nothing was charged for it, and the caller judges it again in the next batch.
+    """
+    args = (
+        budget_id,
+        [str(r.tokens) for r in batch],
+        [str(r.cost) for r in batch],
+        [r.key for r in batch],
+        [str(r.ledger_id) for r in batch],
+    )
+    policy = RetryPolicy(min(BATCH_RETRIES, db.policy.attempts), db.policy.delay, db.policy.max_delay)
+    row = await retry_call(
+        lambda _: db.fetchrow(CONSUME_BATCH, *args, retry=False), policy, what="consume batch"
+    )
+    if row is None:
+        for r in batch:
+            r._settle(ConsumeStatus.NOT_FOUND, None)
+        return
+    before = Budget(*row[:_NB])
+    after_updated_at, settled, marks = row[_NB + 2 : _NB + 5]
+    prior_ids, prior_tokens, prior_costs = row[_NB + 5 :]
+    # Keys that may hide a charge committed by another process while we waited for the row lock:
+    # those the unique index refused ('r'), and, if the row changed after our snapshot, every
+    # refused one (the single-statement CONSUME does the same). Read them with a fresh snapshot.
+    unsure = [r.key for r, m in zip(batch, marks, strict=True) if m == "r" or (m == "i" and not settled)]
+    again: dict[str, Any] = {}
+    if unsure:
+        rows = await db.fetch(SELECT_LEDGER_BY_KEYS, budget_id, unsure, retry=True)
+        again = {x[0]: x[1:] for x in rows}
+    # Replay the walk to give each request the budget as it stood at its turn.
+    consumed, used, updated_at = before.consumed, before.used_tokens, before.updated_at
+    p = 0
+    raced = False  # a phantom charge was counted: later refusals are judged again
+    for r, mark in zip(batch, marks, strict=True):
+        if mark == "c":
+            consumed, used, updated_at = consumed + r.cost, used + r.tokens, after_updated_at
+        state = before._replace(consumed=consumed, used_tokens=used, updated_at=updated_at)
+        if mark == "c":
+            r._settle(ConsumeStatus.GRANTED, state)
+        elif mark == "p":
+            r._repeat_of(uuid.UUID(prior_ids[p]), int(prior_tokens[p]), Decimal(prior_costs[p]), state)
+            p += 1
+        elif r.key in again:
+            prior_id, tokens, cost = again[r.key]
+            r._repeat_of(prior_id, tokens, cost, state)
+            raced = raced or mark == "r"
+        elif mark == "r":
+            raced = True  # its rival row is gone again (a reset): judge it again
+        elif not raced:
+            r._settle(ConsumeStatus.INSUFFICIENT, state)
+
+
+class _Queue:
+    """The requests waiting for one budget; exists while a leader is at work for it."""
+
+    __slots__ = ("pending", "size")
+
+    def __init__(self) -> None:
+        self.pending: list[ConsumeRequest] = []
+        self.size = 0  # of the last batch sent
+
+
+class ConsumeCombiner:
+    """Combines concurrent consumes of the same budget, within one process and one Database.
+
+    Get it with :func:`combiner_for`; every BudgetRepository on the same Database shares it.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self.loop = asyncio.get_running_loop()
+        self._queues: dict[uuid.UUID, _Queue] = {}
+        # Budgets whose last batch held several requests: their next leader yields once before
+        # taking its batch, so that callers woken by that batch can join it (else a lone early
+        # riser would go alone, followed by everyone else).
+        self._hot: set[uuid.UUID] = set()
+        self._rescues: set[asyncio.Task[None]] = set()
+        self._solo_until = 0.0  # loop time until which consumes are sent alone (after a breakup)
+        #: Batches sent and requests they carried (for tests and benchmarks).
+        self.batches = 0
+        self.requests = 0
+
+    async def consume(self, req: ConsumeRequest) -> ConsumeResult:
+        """Queue ``req`` behind the budget's current batch, or lead a batch now; its own answer."""
+        q = self._queues.get(req.budget_id)
+        if q is None and self._solo_until and self.loop.time() < self._solo_until:
+            return await consume_one(self._db, req)
+        if q is None:
+            q = self._queues[req.budget_id] = _Queue()
+            q.pending.append(req)
+            return await self._lead(q, req)
+        q.pending.append(req)
+        req.waiter = self.loop.create_future()
+        try:
+            lead = await req.waiter
+        except asyncio.CancelledError:
+            self._abandon(q, req)
+            raise
+        if lead:
+            return await self._lead(q, req)
+        if req.alone:
+            return await self._solo(req)
+        return req.answer()
+
+    async def _lead(self, q: _Queue, req: ConsumeRequest) -> ConsumeResult:
+        if req.budget_id in self._hot:
+            self._hot.discard(req.budget_id)
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                q.pending.remove(req)
+                self._hand_over(q, req.budget_id)
+                raise
+        while not req.settled:
+            batch = self._take(q)
+            try:
+                await self._send(req.budget_id, batch)
+            except asyncio.CancelledError:
+                # Our caller gave up mid-statement; the others in the batch still need answers.
+                # The statement may or may not have committed: re-sending it (same keys, same
+                # ledger ids) settles that either way.
+                task = asyncio.create_task(self._rescue(q, req.budget_id, batch))
+                self._rescues.add(task)
+                task.add_done_callback(self._rescues.discard)
+                raise
+            self._deliver(q, batch, req)  # req unanswered: it heads the queue again, lead on
+        self._hand_over(q, req.budget_id)
+        if req.alone:
+            return await self._solo(req)
+        return req.answer()
+
+    async def _solo(self, req: ConsumeRequest) -> ConsumeResult:
+        """Retry one request of a failed batch on its own (same key, same ledger id)."""
+        await asyncio.sleep(self._db.policy.backoff(1))  # not all of the batch at the same instant
+        return await consume_one(self._db, req)
+
+    async def _rescue(self, q: _Queue, budget_id: uuid.UUID, batch: list[ConsumeRequest]) -> None:
+        try:
+            await self._send(budget_id, batch)
+        finally:
+            self._deliver(q, batch, None)
+            self._hand_over(q, budget_id)
+
+    def _deliver(self, q: _Queue, batch: list[ConsumeRequest], leader: ConsumeRequest | None) -> None:
+        """Wake the callers answered in ``batch``; put the unanswered ones back at the head of the
+        queue, in order (the leader's own request too; requests whose caller is gone are dropped)."""
+        unanswered: list[ConsumeRequest] = []
+        for r in batch:
+            if not r.settled:
+                if r is leader or r.waiter is not None:
+                    unanswered.append(r)
+                unanswered.extend(r.copies)
+                r.copies = []
+                continue
+            r._answer_copies()
+            for w in (r, *r.copies):
+                if w.waiter is not None and not w.waiter.done():
+                    w.waiter.set_result(False)
+        if unanswered:
+            q.pending[:0] = unanswered
+
+    def _take(self, q: _Queue) -> list[ConsumeRequest]:
+        """The next batch: queued requests in arrival order, each key once, at most MAX_BATCH."""
+        batch: list[ConsumeRequest] = []
+        rest: list[ConsumeRequest] = []
+        first: dict[str, ConsumeRequest] = {}
+        for r in q.pending:
+            if r.waiter is not None and r.waiter.cancelled():
+                continue  # its caller is gone (it would drop itself from the queue)
+            if len(batch) >= MAX_BATCH:
+                rest.append(r)
+                continue
+            same = first.get(r.key)
+            if same is None:
+                first[r.key] = r
+                batch.append(r)
+            elif same.tokens == r.tokens and same.cost == r.cost:
+                same.copies.append(r)
+            else:
+                rest.append(r)  # same key, other amounts: judged after the first one is settled
+        q.pending = rest
+        q.size = len(batch)
+        return batch
+
+    async def _send(self, budget_id: uuid.UUID, batch: list[ConsumeRequest]) -> None:
+        """Run the batch and record every request's answer; never raises but CancelledError."""
+        self.batches += 1
+        self.requests += len(batch)
+        for r in batch:  # a rescue re-sends a batch that may hold answers of a cancelled attempt
+            r.result = r.error = None
+            r.alone = False
+        try:
+            if len(batch) == 1:
+                only = batch[0]
+                try:
+                    only.result = await consume_one(self._db, only)
+                except ConflictError as exc:
+                    only.error = exc
+            else:
+                await consume_many(self._db, budget_id, batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            breakup = len(batch) > 1 and is_transient(exc)
+            if breakup:
+                self._solo_until = self.loop.time() + SOLO_PAUSE
+            for r in batch:
+                if breakup:
+                    r.alone = True
+                else:
+                    r.error = exc
+
+    def _hand_over(self, q: _Queue, budget_id: uuid.UUID) -> None:
+        """Ask the first queued caller to lead the next batch; forget the queue if there is none."""
+        while q.pending:
+            nxt = q.pending[0]
+            assert nxt.waiter is not None
+            if not nxt.waiter.done():
+                nxt.waiter.set_result(True)
+                return
+            del q.pending[0]  # cancelled while queued
+        del self._queues[budget_id]
+        if q.size > 1:
+            if len(self._hot) >= _MAX_HOT:
+                self._hot.clear()  # only a hint: forgetting it costs one small batch
+            self._hot.add(budget_id)
+
+    def _abandon(self, q: _Queue, req: ConsumeRequest) -> None:
+        """The caller of ``req`` was cancelled while waiting."""
+        assert req.waiter is not None
+        if req in q.pending:
+            q.pending.remove(req)
+            if req.waiter.done() and not req.waiter.cancelled() and req.waiter.result():
+                self._hand_over(q, req.budget_id)  # it had just been asked to lead: pass it on
+        # else its batch is in flight: the leader answers it into the void.
+
+
+_combiners: weakref.WeakKeyDictionary[Database, ConsumeCombiner] = weakref.WeakKeyDictionary()
+
+
+def combiner_for(db: Database) -> ConsumeCombiner:
+    """The combiner of ``db`` on the running event loop (one per Database, shared by repositories)."""
+    combiner = _combiners.get(db)
+    if combiner is None or combiner.loop is not asyncio.get_running_loop():
+        combiner = _combiners[db] = ConsumeCombiner(db)
+    return combiner

@@ -1,0 +1,643 @@
+"""Hot budgets: concurrent consumes of one budget combined into one statement per batch.
+
+Checked against a real PostgreSQL: exact grants at the limit, the greedy arrival-order semantics
+against a Python model, idempotency keys inside and across batches, two Databases and a real
+second process on one budget, a missing budget in the mix, cancelled callers, lost answers and
+connections killed mid-batch. The ledger always sums to the counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import sys
+import textwrap
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import queries as bench_queries
+from dash_storage.config import Settings
+from dash_storage.database import Database
+from dash_storage.errors import ConflictError, DashStorageError, DatabaseUnavailableError
+from dash_storage.ids import new_id
+from dash_storage.models import ConsumeResult, ConsumeStatus
+from dash_storage.repositories.budget_batcher import CONSUME_BATCH, MAX_BATCH, combiner_for
+from dash_storage.repositories.budgets import BudgetRepository
+from tests.conftest import TEST_DB, admin_connect
+from tests.integration.test_safe_retries import gather_outcomes, terminating_connections
+
+MakeDatabase = Callable[..., Awaitable[Database]]
+G, D, NO, NF = (
+    ConsumeStatus.GRANTED,
+    ConsumeStatus.DUPLICATE,
+    ConsumeStatus.INSUFFICIENT,
+    ConsumeStatus.NOT_FOUND,
+)
+
+
+class CountingDatabase(Database):
+    """A real Database that counts the statements it sends."""
+
+    statements = 0
+
+    async def _call(
+        self, method: str, query: str, args: Sequence[Any], retry: bool, timeout: float | None
+    ) -> Any:
+        self.statements += 1
+        return await super()._call(method, query, args, retry, timeout)
+
+
+async def make_budget(db: Database, allocated: Any, max_tokens: int | None = None) -> uuid.UUID:
+    swarm_id = new_id()
+    await db.execute("INSERT INTO swarms (id, name) VALUES ($1, 'hot')", swarm_id)
+    budget = await BudgetRepository(db).create("swarm", swarm_id, allocated=allocated, max_tokens=max_tokens)
+    return budget.id
+
+
+@dataclass(frozen=True)
+class Books:
+    consumed: Decimal
+    used_tokens: int
+    allocated: Decimal
+    ledger_rows: int
+    ledger_tokens: int
+    ledger_cost: Decimal
+    keys: frozenset[str]
+
+
+async def books(settings: Settings, budget_id: uuid.UUID) -> Books:
+    """The budget's counters and ledger, read on a connection of its own."""
+    admin = await admin_connect(settings, TEST_DB)
+    try:
+        row = await admin.fetchrow(
+            "SELECT consumed, used_tokens, allocated FROM budgets WHERE id = $1", budget_id
+        )
+        entries = await admin.fetch(
+            "SELECT idempotency_key, tokens, cost FROM budget_ledger WHERE budget_id = $1", budget_id
+        )
+    finally:
+        await admin.close()
+    assert row is not None
+    return Books(
+        consumed=row["consumed"],
+        used_tokens=row["used_tokens"],
+        allocated=row["allocated"],
+        ledger_rows=len(entries),
+        ledger_tokens=sum(e["tokens"] for e in entries),
+        ledger_cost=sum((e["cost"] for e in entries), Decimal(0)),
+        keys=frozenset(e["idempotency_key"] for e in entries),
+    )
+
+
+def assert_balanced(b: Books) -> None:
+    assert (b.consumed, b.used_tokens) == (b.ledger_cost, b.ledger_tokens)  # ledger == counters
+    assert b.consumed <= b.allocated
+
+
+def greedy_model(
+    consumed: Decimal, used: int, allocated: Decimal, max_tokens: int | None, calls: list[tuple[int, Decimal]]
+) -> list[tuple[ConsumeStatus, Decimal, int]]:
+    """The documented semantics, one call at a time in arrival order: a call is granted if it fits
+    what the grants before it left; one that does not fit charges nothing. (status, consumed,
+    used_tokens) as each answer must report them."""
+    out = []
+    for tokens, cost in calls:
+        fits = consumed + cost <= allocated and (max_tokens is None or used + tokens <= max_tokens)
+        if fits:
+            consumed, used = consumed + cost, used + tokens
+        out.append((G if fits else NO, consumed, used))
+    return out
+
+
+# -- exact grants, greedy order ----------------------------------------------------------------------
+
+
+async def test_1000_concurrent_consumes_with_room_for_100_grant_exactly_100(
+    settings: Settings, db: Database
+) -> None:
+    budget = await make_budget(db, Decimal("1.00"))
+    counting = CountingDatabase(settings, postgres_max_pool_size=20)
+    await counting.initialize()
+    try:
+        repo = BudgetRepository(counting)
+        results = await asyncio.gather(*(repo.try_consume(budget, 1, Decimal("0.01")) for _ in range(1000)))
+    finally:
+        await counting.close()
+    assert Counter(r.status for r in results) == {G: 100, NO: 900}
+    granted = sorted(r.budget.consumed for r in results if r.status is G and r.budget)
+    assert granted == [Decimal("0.01") * i for i in range(1, 101)]  # each grant's own state
+    b = await books(settings, budget)
+    assert_balanced(b)
+    assert (b.consumed, b.used_tokens, b.ledger_rows) == (Decimal("1.00"), 100, 100)
+    assert b.keys == {r.idempotency_key for r in results if r.status is G}
+    # Combined: the leader alone, then the rest in batches of at most MAX_BATCH.
+    assert counting.statements <= 1 + -(-999 // MAX_BATCH)
+
+
+async def test_mixed_sizes_are_granted_greedily_in_arrival_order(settings: Settings, db: Database) -> None:
+    rng = random.Random(6)
+    allocated, max_tokens = Decimal("5.00"), 6000
+    budget = await make_budget(db, allocated, max_tokens)
+    costs = [Decimal(c) for c in ("0", "0.001", "0.01", "0.05", "0.1", "0.25", "0.5", "1")]
+    calls = [(rng.choice((0, 1, 10, 50, 100, 400)), rng.choice(costs)) for _ in range(400)]
+    repo = BudgetRepository(db)
+    combiner = combiner_for(db)
+    batches = combiner.batches
+    # gather starts the calls in list order: that is their arrival order.
+    results = await asyncio.gather(*(repo.try_consume(budget, t, c) for t, c in calls))
+    assert combiner.batches - batches <= 3  # the leader alone, then everyone else together
+    model = greedy_model(Decimal(0), 0, allocated, max_tokens, calls)
+    assert [r.status for r in results] == [m[0] for m in model]
+    assert [(r.budget.consumed, r.budget.used_tokens) for r in results if r.budget] == [
+        (m[1], m[2]) for m in model
+    ]
+    statuses = Counter(r.status for r in results)
+    assert statuses[G] > 0 and statuses[NO] > 0  # the budget ran out in the middle
+    # Smaller calls after a refused one were still granted.
+    first_refused = next(i for i, r in enumerate(results) if r.status is NO)
+    assert any(r.status is G for r in results[first_refused:])
+    b = await books(settings, budget)
+    assert_balanced(b)
+    assert (b.consumed, b.used_tokens) == model[-1][1:]
+
+
+async def test_unlimited_tokens_stop_at_bigint_range_instead_of_failing(
+    settings: Settings, db: Database, make_database: MakeDatabase
+) -> None:
+    budget = await make_budget(db, 100)
+    big = 2**63 - 1
+    single = BudgetRepository(await make_database(), combine=False)
+    assert (await single.try_consume(budget, big - 5, 1)).status is G
+    assert (await single.try_consume(budget, 6, 1)).status is NO  # would overflow: refused, not an error
+    batch = await asyncio.gather(*(BudgetRepository(db).try_consume(budget, t, 1) for t in (1, 6, 4, 1, 0)))
+    assert [r.status for r in batch] == [G, NO, G, NO, G]
+    b = await books(settings, budget)
+    assert_balanced(b)
+    assert b.used_tokens == big
+
+
+# -- idempotency --------------------------------------------------------------------------------------
+
+
+async def test_duplicate_keys_inside_one_batch_and_from_earlier_batches(
+    settings: Settings, db: Database
+) -> None:
+    budget = await make_budget(db, Decimal("1.00"))
+    repo = BudgetRepository(db)
+    assert (await repo.try_consume(budget, 1, "0.1", idempotency_key="old")).status is G
+    calls: list[tuple[str, str]] = [
+        ("first", "0.1"),  # the leader, alone in its batch; everything below lands in the next one
+        ("a", "0.2"),
+        ("a", "0.2"),  # the same call again: a repeat of the one before
+        ("old", "0.1"),  # granted in an earlier batch
+        ("old", "0.3"),  # a different charge under a used key
+        ("a", "0.5"),  # a different charge under a key granted in this batch
+        ("b", "0.9"),  # does not fit (0.4 spent)
+        ("b", "0.9"),
+        ("c", "0.6"),  # fits exactly
+        ("c", "0.6"),
+        ("d", "0"),  # a free charge still fits a full budget
+    ]
+    combiner = combiner_for(db)
+    batches = combiner.batches
+    results = await asyncio.gather(
+        *(repo.try_consume(budget, 1, cost, idempotency_key=key) for key, cost in calls),
+        return_exceptions=True,
+    )
+    statuses = [r.status if isinstance(r, ConsumeResult) else type(r) for r in results]
+    assert statuses == [G, G, D, D, ConflictError, ConflictError, NO, NO, G, D, G]
+    # Leader; the batch (each key once, repeats riding along); the two re-used keys after it.
+    assert combiner.batches - batches == 3
+    b = await books(settings, budget)
+    assert_balanced(b)
+    assert b.keys == {"old", "first", "a", "c", "d"}
+    assert (b.consumed, b.used_tokens) == (Decimal("1.0"), 5)
+    # A repeat answers with the budget as the original call saw it.
+    assert isinstance(results[1], ConsumeResult) and isinstance(results[2], ConsumeResult)
+    assert results[2].budget == results[1].budget
+
+
+async def test_20_concurrent_copies_of_one_call_charge_once(settings: Settings, db: Database) -> None:
+    for allocated in (Decimal("10"), Decimal("0.01")):
+        budget = await make_budget(db, allocated)
+        repo = BudgetRepository(db)
+        results = await asyncio.gather(
+            *(repo.try_consume(budget, 5, Decimal("0.01"), idempotency_key="same") for _ in range(20))
+        )
+        assert Counter(r.status for r in results) == {G: 1, D: 19}
+        b = await books(settings, budget)
+        assert_balanced(b)
+        assert (b.ledger_rows, b.consumed) == (1, Decimal("0.01"))
+
+
+class FlakyBatches(Database):
+    """A real Database whose batch statements fail as scripted: ``lose`` runs the statement (it
+    commits) and then raises a lost-connection error, as if the answer was lost after COMMIT;
+    ``fail`` raises it without running anything. Then every statement runs normally."""
+
+    def __init__(self, settings: Settings, script: list[str]) -> None:
+        super().__init__(settings, postgres_retry_delay=20)
+        self.script = list(script)
+
+    async def _call(
+        self, method: str, query: str, args: Sequence[Any], retry: bool, timeout: float | None
+    ) -> Any:
+        if query == CONSUME_BATCH and self.script:
+            step = self.script.pop(0)
+            if step == "lose":
+                await super()._call(method, query, args, retry, timeout)
+            raise DatabaseUnavailableError(f"connection lost ({step}, test)")
+        return await super()._call(method, query, args, retry, timeout)
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        ["lose"],  # the whole batch is re-sent and recognises its own ledger rows
+        ["lose", "fail"],  # then it breaks up: each call retries alone and finds its own row
+        ["fail", "fail"],  # nothing was charged: each call retries alone and competes
+    ],
+)
+async def test_transient_failures_of_a_batch_charge_every_call_once(
+    settings: Settings, db: Database, script: list[str]
+) -> None:
+    budget = await make_budget(db, Decimal("0.30"), max_tokens=1000)
+    flaky = FlakyBatches(settings, script)
+    await flaky.initialize()
+    try:
+        repo = BudgetRepository(flaky)
+        results = await asyncio.gather(
+            *(repo.try_consume(budget, 1, "0.01", idempotency_key=f"k{i}") for i in range(50))
+        )
+    finally:
+        await flaky.close()
+    assert flaky.script == []
+    # Our own rows written by a lost attempt count as this call's grant, never as a repeat.
+    assert Counter(r.status for r in results) == {G: 30, NO: 20}
+    b = await books(settings, budget)
+    assert_balanced(b)
+    assert (b.ledger_rows, b.consumed) == (30, Decimal("0.30"))
+    assert b.keys == {r.idempotency_key for r in results if r.status is G}
+    if script == ["lose"]:  # still one batch: arrival order kept
+        assert [r.status for r in results] == [G] * 30 + [NO] * 20
+
+
+# -- many budgets, missing budgets, the plain path --------------------------------------------------
+
+
+async def test_a_missing_budget_in_the_mix_does_not_affect_other_budgets(
+    settings: Settings, db: Database
+) -> None:
+    budget = await make_budget(db, Decimal("0.50"))
+    other = await make_budget(db, Decimal("0.05"))
+    missing = uuid.uuid4()
+    repo = BudgetRepository(db)
+    targets = [(budget, missing, other)[i % 3] for i in range(300)]
+    results = await asyncio.gather(*(repo.try_consume(t, 1, Decimal("0.01")) for t in targets))
+    by_budget: dict[uuid.UUID, Counter[ConsumeStatus]] = {}
+    for t, r in zip(targets, results, strict=True):
+        assert r.budget_id == t
+        by_budget.setdefault(t, Counter())[r.status] += 1
+    assert by_budget[missing] == {NF: 100}
+    assert by_budget[budget] == {G: 50, NO: 50}
+    assert by_budget[other] == {G: 5, NO: 95}
+    assert all(r.budget is None for r in results if r.status is NF)
+    for b in (await books(settings, budget), await books(settings, other)):
+        assert_balanced(b)
+        assert b.consumed == b.allocated
+
+
+async def test_combine_false_sends_one_statement_per_call(
+    settings: Settings, db: Database, make_database: MakeDatabase
+) -> None:
+    budget = await make_budget(db, Decimal("1.00"))
+    plain_db = await make_database(postgres_max_pool_size=20)
+    repo = BudgetRepository(plain_db, combine=False)
+    results = await asyncio.gather(*(repo.try_consume(budget, 1, Decimal("0.01")) for _ in range(300)))
+    assert Counter(r.status for r in results) == {G: 100, NO: 200}
+    assert combiner_for(plain_db).batches == 0
+    b = await books(settings, budget)
+    assert_balanced(b)
+    assert b.consumed == Decimal("1.00")
+
+
+# -- across Databases and processes -----------------------------------------------------------------
+
+
+async def test_two_databases_hammering_one_budget_never_overspend(
+    settings: Settings, db: Database, make_database: MakeDatabase
+) -> None:
+    allocated = Decimal("20.00")
+    budget = await make_budget(db, allocated, max_tokens=100_000)
+    one, two = await make_database(postgres_max_pool_size=10), await make_database(postgres_max_pool_size=10)
+    rng = random.Random(2)
+    # The same 500 calls (same keys, same amounts) made through both Databases at once by 25 agents
+    # each, agent j making calls j, j+25, ... in turn: each key must be charged once in all,
+    # whichever side gets there first.
+    calls = [(f"k{i}", rng.choice((1, 10, 100)), rng.choice(("0.01", "0.05", "0.1"))) for i in range(500)]
+
+    async def hammer(d: Database) -> dict[str, ConsumeResult]:
+        repo = BudgetRepository(d)
+        answers: dict[str, ConsumeResult] = {}
+
+        async def agent(j: int) -> None:
+            for key, tokens, cost in calls[j::25]:
+                answers[key] = await repo.try_consume(budget, tokens, cost, idempotency_key=key)
+
+        await asyncio.gather(*(agent(j) for j in range(25)))
+        return answers
+
+    first, second = await asyncio.gather(hammer(one), hammer(two))
+    for key, _, _ in calls:
+        assert {first[key].status, second[key].status} in ({G, D}, {NO}), (first[key], second[key])
+    granted = {r.idempotency_key for r in (*first.values(), *second.values()) if r.status is G}
+    # Then fresh keys from both sides: plain competition for what is left.
+    rest = await asyncio.gather(
+        *(BudgetRepository(d).try_consume(budget, 1, "0.01") for d in (one, two) for _ in range(300))
+    )
+    granted |= {r.idempotency_key for r in rest if r.status is G}
+    b = await books(settings, budget)
+    assert_balanced(b)
+    assert b.keys == granted
+    refused = [Decimal(c) for key, _, c in calls if first[key].status is NO]
+    refused += [Decimal("0.01") for r in rest if r.status is NO]
+    assert refused and b.allocated - b.consumed < min(refused)  # nothing refused would still fit
+
+
+CHILD = """
+import asyncio, json, sys
+from decimal import Decimal
+from dash_storage.database import Database
+from dash_storage.repositories.budgets import BudgetRepository
+
+async def main(budget_id, agents, calls):
+    answers = []
+    async with Database(postgres_max_pool_size=10) as db:
+        repo = BudgetRepository(db)
+        assert await repo.find_by_id(budget_id) is not None
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+        async def agent(j):
+            for i in range(j, calls, agents):
+                cost = Decimal(("0.01", "0.02", "0.05")[i % 3])
+                r = await repo.try_consume(budget_id, 1, cost, idempotency_key=f"child-{i}")
+                answers.append([r.idempotency_key, r.status.value])
+
+        await asyncio.gather(*(agent(j) for j in range(agents)))
+    print(json.dumps(answers), flush=True)
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+"""
+
+
+async def test_a_second_process_consuming_at_the_same_time_never_overspends(
+    settings: Settings, db: Database, make_database: MakeDatabase, tmp_path: Path
+) -> None:
+    allocated = Decimal("10.00")
+    budget = await make_budget(db, allocated)
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(CHILD))
+    agents, calls = 25, 500  # per process: 25 agents making 20 calls each, one after another
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        str(budget),
+        str(agents),
+        str(calls),
+        env={**os.environ, "POSTGRES_DB": TEST_DB},
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        ready = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
+        assert ready.strip() == b"ready", ready
+        repo = BudgetRepository(await make_database(postgres_max_pool_size=10))
+        mine: list[ConsumeResult] = []
+
+        async def agent(j: int) -> None:
+            for i in range(j, calls, agents):
+                cost = ("0.05", "0.01", "0.02")[i % 3]
+                mine.append(await repo.try_consume(budget, 1, cost, idempotency_key=f"parent-{i}"))
+
+        proc.stdin.write(b"go\n")
+        await proc.stdin.drain()
+        await asyncio.gather(*(agent(j) for j in range(agents)))
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    theirs = json.loads(out)
+    assert len(theirs) == len(mine) == calls
+    granted = {r.idempotency_key for r in mine if r.status is G}
+    granted |= {key for key, status in theirs if status == "granted"}
+    b = await books(settings, budget)
+    assert_balanced(b)
+    assert b.keys == granted
+    assert b.allocated - b.consumed < Decimal("0.01")  # ~27 of demand for 10 of room: all spent
+    print(
+        f"\nparent granted {sum(r.status is G for r in mine)}, "
+        f"child granted {sum(s == 'granted' for _, s in theirs)} of {calls} each"
+    )
+
+
+@pytest.mark.parametrize(
+    ("costs", "batches", "consumed"),
+    [
+        # x no longer fits (0.6 of 1.00 spent): refused in the walk, then found in the ledger.
+        (("0.6", "0.4", "0.5"), 1, Decimal("1.0")),
+        # x still fits: the walk counts it again (the index refuses the row), so y and z look
+        # too big; they are judged again in a second batch, where y fits.
+        (("0.3", "0.5", "0.45"), 2, Decimal("0.8")),
+    ],
+)
+async def test_a_same_key_charge_committed_elsewhere_while_the_batch_waits_is_a_duplicate(
+    settings: Settings,
+    db: Database,
+    make_database: MakeDatabase,
+    costs: tuple[str, str, str],
+    batches: int,
+    consumed: Decimal,
+) -> None:
+    """Another process charges key x and holds the row lock; our batch [x, y, z] takes its snapshot
+    (x not yet visible), waits for the lock, and only then can meet x: x must answer DUPLICATE."""
+    budget = await make_budget(db, Decimal("1.00"))
+    other = await admin_connect(settings, TEST_DB)
+    mine = await make_database()
+    repo = BudgetRepository(mine)
+    combiner = combiner_for(mine)
+    try:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute("SELECT 1 FROM budgets WHERE id = $1 FOR UPDATE", budget)
+        await other.execute(
+            "INSERT INTO budget_ledger (budget_id, tokens, cost, idempotency_key) VALUES ($1, 1, $2, 'x')",
+            budget,
+            Decimal(costs[0]),
+        )
+        await other.execute(
+            "UPDATE budgets SET consumed = $2, used_tokens = 1 WHERE id = $1", budget, Decimal(costs[0])
+        )
+        # Make the leader wait one turn so that x, y and z go in one batch.
+        combiner._hot.add(budget)
+        keyed = zip("xyz", costs, strict=True)
+        calls = asyncio.gather(*(repo.try_consume(budget, 1, cost, idempotency_key=k) for k, cost in keyed))
+        for _ in range(500):  # until our statement waits for the row lock
+            waiting = await other.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'dash-storage' AND wait_event_type = 'Lock'"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert waiting == 1
+        await tx.commit()
+        x, y, z = await calls
+    finally:
+        await other.close()
+    assert (x.status, y.status, z.status) == (D, G, NO)
+    assert combiner.batches == batches
+    assert y.budget is not None and y.budget.consumed == consumed
+    b = await books(settings, budget)
+    assert_balanced(b)
+    assert b.keys == {"x", "y"} and b.consumed == consumed
+
+
+# -- failures: cancelled callers, killed connections -------------------------------------------------
+
+
+async def test_cancelled_callers_leave_the_others_answered_and_the_books_balanced(
+    settings: Settings, db: Database, make_database: MakeDatabase
+) -> None:
+    budget = await make_budget(db, Decimal("10"))
+    repo = BudgetRepository(await make_database(postgres_max_pool_size=5))
+    tasks = [
+        asyncio.create_task(repo.try_consume(budget, 1, "0.01", idempotency_key=f"k{i}")) for i in range(200)
+    ]
+    await asyncio.sleep(0)  # every call has started: k0 leads (its statement is in flight), the rest wait
+    for i in (0, 5, 50):
+        tasks[i].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for i, r in enumerate(results):
+        if i in (0, 5, 50):
+            assert isinstance(r, asyncio.CancelledError), r
+        else:
+            assert isinstance(r, ConsumeResult) and r.status is G, r
+    # The leader's batch was finished for it (sent again: same key, same ledger id, charged once);
+    # the two callers cancelled while queued were never sent.
+    b = await books(settings, budget)
+    assert_balanced(b)
+    assert b.keys == {f"k{i}" for i in range(200)} - {"k5", "k50"}
+    # Nothing is left stuck: the next call goes straight through.
+    assert (await repo.try_consume(budget, 1, "0.01")).status is G
+
+
+async def test_connection_kills_during_combined_batches_keep_ledger_counters_and_answers_equal(
+    settings: Settings, db: Database, make_database: MakeDatabase
+) -> None:
+    budget = await make_budget(db, Decimal("3.00"))
+    # Six retries from 20 ms: a batch gives up after about 1.3 s of backoff, so the test stays short
+    # even on a slow machine where most attempts are killed.
+    chaos = await make_database(postgres_retry_attempts=6, postgres_retry_delay=20)
+    repo = BudgetRepository(chaos)
+    keys = [f"call-{i}" for i in range(900)]  # room for 300 of them
+    jobs = [
+        lambda key=key: repo.try_consume(budget, 1, Decimal("0.01"), idempotency_key=key)  # type: ignore[misc]
+        for key in keys
+    ]
+    combiner = combiner_for(chaos)
+
+    # A kill every 20 ms: often enough to hit most batches, rarely enough for some to get through.
+    async with terminating_connections(settings, interval=0.02) as killed:
+        outcomes = await gather_outcomes(jobs, workers=30)
+
+    granted: set[str] = set()
+    raised: set[str] = set()
+    for i, outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            assert isinstance(outcome, DashStorageError), repr(outcome)
+            raised.add(keys[i])
+        else:
+            assert outcome.status in (G, NO), outcome
+            if outcome.granted:
+                granted.add(keys[i])
+    b = await books(settings, budget)
+    assert_balanced(b)
+    assert granted <= b.keys <= granted | raised  # every grant charged; the rest only if its answer was lost
+    assert killed[0] > 0
+    assert combiner.requests > combiner.batches  # the consumes were combined
+
+    # Asking again with the same keys settles every call that raised, charging none twice.
+    calm = BudgetRepository(db)
+    for key in sorted(raised):
+        result = await calm.try_consume(budget, 1, "0.01", idempotency_key=key)
+        assert result.status is not NF, key
+        if result.granted:
+            granted.add(key)
+    b = await books(settings, budget)
+    assert_balanced(b)
+    assert b.keys == granted
+    assert b.consumed == Decimal("0.01") * len(granted) == Decimal("3.00")
+    print(
+        f"\nterminated {killed[0]} connections; {len(raised)} consumes raised; "
+        f"{combiner.requests} consumes in {combiner.batches} batches"
+    )
+
+
+# -- the plan ----------------------------------------------------------------------------------------
+
+
+async def test_batch_statement_looks_keys_up_by_index_on_a_long_ledger(db: Database) -> None:
+    budget = await make_budget(db, Decimal("1e9"))
+    await db.execute(
+        "INSERT INTO budget_ledger (budget_id, tokens, cost, idempotency_key) "
+        "SELECT $1, 1, 0.01, 'old-' || g FROM generate_series(1, 20000) AS g",
+        budget,
+    )
+    await db.execute("ANALYZE budget_ledger")
+    keys = ["old-7", "new-1", "new-2"]
+    args = (str(budget), ["1"] * 3, ["0.01"] * 3, keys, [str(uuid.uuid4()) for _ in keys])
+    async with db.acquire() as con:
+        plans, _, _ = await bench_queries.prepared_plans(con, CONSUME_BATCH, args, 8)
+    for p in (plans[0], plans[-1]):
+        stack = [p["Plan"]]
+        ledger_scans = []
+        while stack:
+            node = stack.pop()
+            stack.extend(node.get("Plans", []))
+            if node.get("Relation Name") == "budget_ledger" and "Scan" in node["Node Type"]:
+                ledger_scans.append(node)
+        assert ledger_scans
+        for node in ledger_scans:
+            assert node["Node Type"] in ("Index Scan", "Index Only Scan"), node
+            assert node["Index Name"] == "budget_ledger_idempotency_unique"
+            assert "idempotency_key" in node["Index Cond"], node["Index Cond"]
+
+
+@pytest.mark.parametrize("size", [2, 50, MAX_BATCH])
+async def test_batch_statement_answers_a_direct_batch(settings: Settings, db: Database, size: int) -> None:
+    """The statement on its own (no combiner): room for half of the batch."""
+    budget = await make_budget(db, Decimal("0.01") * (size // 2))
+    keys = [f"k{i}" for i in range(size)]
+    row = await db.fetchrow(
+        CONSUME_BATCH, budget, ["1"] * size, ["0.01"] * size, keys, [str(new_id()) for _ in keys]
+    )
+    assert row is not None
+    marks = row[-4]
+    assert marks == "c" * (size // 2) + "i" * (size - size // 2)
+    b = await books(settings, budget)
+    assert_balanced(b)
+    assert b.ledger_rows == size // 2
