@@ -30,7 +30,8 @@ def bench_settings(database: str) -> Settings:
 @asynccontextmanager
 async def scratch_database(name: str, **overrides: object) -> AsyncIterator[Database]:
     """A freshly created and migrated database ``name`` (dropped afterwards), as a Database."""
-    settings = load_settings(postgres_db=name, **overrides)
+    # Loaders send long statements (millions of rows): no per-statement time limit here.
+    settings = load_settings(postgres_db=name, **{"postgres_command_timeout": 0, **overrides})
     admin_db = Database(settings)
     kwargs = await admin_db.connect_kwargs("postgres")
     admin = await asyncpg.connect(**kwargs)

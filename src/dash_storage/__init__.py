@@ -6,6 +6,7 @@ The public API is re-exported here; nothing is defined in this module.
 from dash_storage.config import Settings, load_settings
 from dash_storage.database import Database, HealthReport, PoolStats, get_database, reset_database
 from dash_storage.errors import (
+    CommandTimeoutError,
     ConfigurationError,
     ConflictError,
     DashStorageError,
@@ -47,6 +48,7 @@ from dash_storage.repositories import (
     AgentRepository,
     BudgetRepository,
     EventRepository,
+    EventWriter,
     SessionRepository,
     SwarmRepository,
 )
@@ -61,6 +63,7 @@ __all__ = [
     "Budget",
     "BudgetRepository",
     "BudgetUsage",
+    "CommandTimeoutError",
     "ConfigurationError",
     "ConflictError",
     "ConsumeResult",
@@ -75,6 +78,7 @@ __all__ = [
     "EventRepository",
     "EventStats",
     "EventTypeStats",
+    "EventWriter",
     "HealthReport",
     "InvalidTransitionError",
     "LifecycleState",

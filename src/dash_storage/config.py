@@ -10,10 +10,10 @@ from __future__ import annotations
 import ssl as ssl_module
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import platformdirs
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -33,7 +33,26 @@ _SSL_ALIASES = {
     "on": "verify-full",
 }
 
+#: sslmode values a DATABASE_URL may carry (libpq's list; asyncpg applies them when POSTGRES_SSL is off).
+URL_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
 Target = Literal["server", "embedded"]
+
+
+def _check_ca_file(path: Path, prefix: str = "") -> None:
+    """A readable PEM file of CA certificates (else the first connect would fail with a raw error)."""
+    if not path.is_file():
+        raise ValueError(f"{prefix}must be an existing file")
+    try:
+        ssl_module.create_default_context(cafile=str(path))
+    except (ssl_module.SSLError, OSError, ValueError):
+        raise ValueError(f"{prefix}must be a readable PEM file of CA certificates") from None
+
+
+def _url_param(url: str, name: str) -> str | None:
+    """The last value of a query parameter of a DSN (as the driver reads it), or None."""
+    values = parse_qs(urlsplit(url).query).get(name)
+    return values[-1] if values else None
 
 
 class Settings(BaseSettings):
@@ -60,6 +79,7 @@ class Settings(BaseSettings):
     postgres_max_pool_size: int = Field(20, ge=1, le=1000)
     postgres_connection_timeout: int = Field(5000, ge=1, le=3_600_000)
     postgres_idle_timeout: int = Field(30000, ge=0, le=86_400_000)
+    postgres_command_timeout: int = Field(30000, ge=0, le=86_400_000)
     postgres_retry_attempts: int = Field(3, ge=0, le=100)
     postgres_retry_delay: int = Field(1000, ge=0, le=600_000)
     database_url: SecretStr | None = None
@@ -77,12 +97,32 @@ class Settings(BaseSettings):
 
     @field_validator("database_url")
     @classmethod
-    def _check_url(cls, value: SecretStr | None) -> SecretStr | None:
+    def _check_url(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         if value is None:
             return None
-        parts = urlsplit(value.get_secret_value())
+        url = value.get_secret_value()
+        parts = urlsplit(url)
         if parts.scheme not in ("postgres", "postgresql"):
             raise ValueError("must start with postgresql:// or postgres://")
+        try:
+            parts.port  # noqa: B018 - parsing it is the check; the driver would raise a raw ValueError
+        except ValueError:
+            raise ValueError("has a port that is not a number between 0 and 65535") from None
+        # TLS: an sslmode in the URL must be a libpq mode, and must not contradict POSTGRES_SSL
+        # (which would otherwise silently replace it, e.g. verify-full in the URL by require).
+        url_mode = _url_param(url, "sslmode")
+        if url_mode is not None:
+            if url_mode not in URL_SSL_MODES:
+                raise ValueError(f"sslmode must be one of {', '.join(URL_SSL_MODES)}")
+            env_mode = info.data.get("postgres_ssl", "disable")
+            if env_mode != "disable" and url_mode != env_mode:
+                raise ValueError(
+                    f"sslmode={url_mode} contradicts POSTGRES_SSL={env_mode}; set one of them, or the same "
+                    "mode in both"
+                )
+        root_cert = _url_param(url, "sslrootcert")
+        if root_cert is not None:
+            _check_ca_file(Path(root_cert), "sslrootcert ")
         return value
 
     @field_validator("dash_migrations_dir")
@@ -95,8 +135,8 @@ class Settings(BaseSettings):
     @field_validator("postgres_ssl_root_cert")
     @classmethod
     def _check_root_cert(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError("must be an existing file")
+        if value is not None:
+            _check_ca_file(value)
         return value
 
     @model_validator(mode="after")
@@ -128,6 +168,11 @@ class Settings(BaseSettings):
         return self.postgres_idle_timeout / 1000.0
 
     @property
+    def command_timeout_s(self) -> float | None:
+        """Longest wait for a statement's answer on a pooled connection; None (0) means no limit."""
+        return self.postgres_command_timeout / 1000.0 if self.postgres_command_timeout else None
+
+    @property
     def retry_delay_s(self) -> float:
         return self.postgres_retry_delay / 1000.0
 
@@ -136,20 +181,33 @@ class Settings(BaseSettings):
         return self.dash_migrations_dir
 
     def ssl_context(self) -> ssl_module.SSLContext | bool:
-        """The ``ssl`` argument for asyncpg: False, or a context that verifies as the mode says."""
+        """The ``ssl`` argument for asyncpg: False, or a context that verifies as the mode says.
+
+        verify-full checks the chain and the host name, verify-ca the chain only, against
+        POSTGRES_SSL_ROOT_CERT (else the ``sslrootcert`` of DATABASE_URL, else the system's CAs).
+        require encrypts without verifying, unless a root certificate is given: then, as in libpq,
+        it verifies the chain like verify-ca.
+        """
         mode = self.postgres_ssl
         if mode == "disable":
             return False
-        cafile = str(self.postgres_ssl_root_cert) if self.postgres_ssl_root_cert else None
+        cafile = self._root_cert()
         ctx = ssl_module.create_default_context(cafile=cafile)
-        if mode == "require":
+        if mode == "require" and cafile is None:
             # libpq semantics: encrypt, do not verify (chosen explicitly by the user).
             ctx.check_hostname = False
             ctx.verify_mode = ssl_module.CERT_NONE
-        elif mode == "verify-ca":
+        elif mode in ("require", "verify-ca"):
             ctx.check_hostname = False
             ctx.verify_mode = ssl_module.CERT_REQUIRED
         return ctx
+
+    def _root_cert(self) -> str | None:
+        if self.postgres_ssl_root_cert is not None:
+            return str(self.postgres_ssl_root_cert)
+        if self.database_url is not None:
+            return _url_param(self.database_url.get_secret_value(), "sslrootcert")
+        return None
 
     def connect_kwargs(self, *, database: str | None = None) -> dict[str, Any]:
         """Keyword arguments for ``asyncpg.connect``/``create_pool`` for the configured server."""

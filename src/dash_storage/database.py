@@ -7,6 +7,13 @@ driver error to a DashStorageError, and offers the few primitives the repositori
 
 Retries are opt-in per call (``retry=True``): reads and idempotent writes ask for them; a write that
 could apply twice never does.
+
+Dead connections: a pooled connection that the server closed while it sat idle (restart,
+idle_session_timeout, pg_terminate_backend, a proxy that dropped it) is replaced without the caller
+seeing an error, also for writes that are never retried, as long as it failed before anything was
+sent on it (asyncpg's own count of statements sent tells). A statement that gets no answer within
+POSTGRES_COMMAND_TIMEOUT (a stalled or half-open connection) fails with CommandTimeoutError and its
+connection is discarded, never returned to the pool.
 """
 
 from __future__ import annotations
@@ -30,9 +37,11 @@ from dash_storage.errors import (
     DashStorageError,
     DatabaseUnavailableError,
     PoolExhaustedError,
+    ended_while_idle,
     is_driver_error,
     is_transient,
     map_error,
+    never_sent,
 )
 from dash_storage.retry import RetryPolicy, retry_call
 
@@ -93,51 +102,133 @@ def _discard(con: Connection) -> None:
         pass  # already closed and handed back by asyncpg's own cleanup
 
 
-class _Acquired:
-    """``async with db.acquire() as con``; a class, not a generator, to keep the hot path short."""
+async def _release(pool: asyncpg.Pool, con: Connection) -> None:
+    """Give ``con`` back. A failure here (the reset of a broken connection) is not the caller's:
+    asyncpg has then terminated the connection, and the pool replaces it."""
+    try:
+        await pool.release(con)
+    except Exception as exc:
+        if not is_driver_error(exc):
+            raise
+        log.debug("connection dropped on release: %s", type(exc).__name__)
 
-    __slots__ = ("_con", "_db", "_pool")
+
+# A mark of how much a connection had sent: its protocol object and asyncpg's count of statements
+# written to the socket (the counter asyncpg's pool uses for max_queries). The protocol is kept
+# because the connection forgets it when it is aborted.
+_Mark: TypeAlias = "tuple[Any, int] | None"
+
+
+def _mark(con: Connection) -> _Mark:
+    protocol = getattr(getattr(con, "_con", None), "_protocol", None)
+    sent = getattr(protocol, "queries_count", None)
+    return (protocol, sent) if isinstance(sent, int) else None
+
+
+def _is_dead(con: Connection) -> bool:
+    """Closed, or already handed back by asyncpg's cleanup after the socket closed."""
+    raw = getattr(con, "_con", None)
+    return raw is None or bool(raw.is_closed())
+
+
+def _untouched(con: Connection, mark: _Mark, exc: BaseException, *, single: bool) -> bool:
+    """True when ``exc`` is ``con`` found dead before it sent anything since ``mark``.
+
+    Then nothing was applied and the same work can go to another connection, whatever it is.
+    ``single``: the work is one statement, so the driver's "never sent" signals suffice when the
+    count is unavailable.
+    """
+    if isinstance(exc, DashStorageError) or not is_transient(exc):
+        return False
+    if not (never_sent(exc) or _is_dead(con)):
+        return False  # e.g. a timeout: the connection is alive, the statement went out
+    if mark is None:
+        return single and never_sent(exc)
+    sent = mark[0].queries_count - mark[1]
+    # Or one statement sent, and answered "idle session ended": the server quit before reading it.
+    return sent == 0 or (sent == 1 and ended_while_idle(exc))
+
+
+class _Acquired:
+    """``async with db.acquire() as con``; a class, not a generator, to keep the hot path short.
+
+    After an error, ``untouched`` tells whether the connection was found dead before the block
+    sent anything on it (``run`` then re-runs the block on another connection).
+    """
+
+    __slots__ = ("_con", "_db", "_mark", "_pool", "untouched")
 
     def __init__(self, db: Database) -> None:
         self._db = db
         self._con: Connection | None = None
         self._pool: asyncpg.Pool | None = None
+        self._mark: _Mark = None
+        self.untouched = False
 
     async def __aenter__(self) -> Connection:
         self._pool = await self._db.ready()
-        self._con = await self._db._acquire(self._pool)
-        return self._con
+        self._con = con = await self._db._acquire(self._pool)
+        self._mark = _mark(con)
+        return con
+
+    def remark(self) -> None:
+        """Count "sent" from here on (after BEGIN, which applies nothing)."""
+        assert self._con is not None
+        self._mark = _mark(self._con)
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         assert self._pool is not None and self._con is not None
         if e is not None and is_transient(e):
+            self.untouched = _untouched(self._con, self._mark, e, single=False)
             _discard(self._con)
-        await self._pool.release(self._con)
+        await _release(self._pool, self._con)
         if e is not None and is_driver_error(e):
+            if isinstance(e, asyncpg.InterfaceError) and "released back to the pool" in str(e):
+                # We never release inside the block: asyncpg detached the proxy because the
+                # server closed the connection between two statements of the block.
+                raise DatabaseUnavailableError(f"the connection was lost inside the block: {e}") from e
             raise map_error(e) from e
 
 
 class _Transaction:
-    """``async with db.transaction() as con``: commit on success, roll back on any exception."""
+    """``async with db.transaction() as con``: commit on success, roll back on any exception.
 
-    __slots__ = ("_acq", "_isolation", "_tx")
+    A connection found dead at BEGIN is replaced (BEGIN applies nothing, and the block has not run).
+    """
+
+    __slots__ = ("_acq", "_db", "_isolation", "_tx")
 
     def __init__(self, db: Database, isolation: str | None) -> None:
+        self._db = db
         self._acq = _Acquired(db)
         self._isolation = isolation
         self._tx: Any = None
 
+    @property
+    def untouched(self) -> bool:
+        return self._acq.untouched
+
     async def __aenter__(self) -> Connection:
-        con = await self._acq.__aenter__()
-        try:
-            self._tx = con.transaction(isolation=self._isolation)  # type: ignore[arg-type]
-            await self._tx.start()
-        except BaseException as exc:
-            await self._acq.__aexit__(type(exc), exc, None)
-            raise
-        return con
+        for _ in range(self._db._replay_limit + 1):
+            con = await self._acq.__aenter__()
+            try:
+                self._tx = con.transaction(isolation=self._isolation)  # type: ignore[arg-type]
+                await self._tx.start()
+            except BaseException as exc:
+                dead = isinstance(exc, Exception) and is_transient(exc) and _is_dead(con)
+                try:
+                    await self._acq.__aexit__(type(exc), exc, None)
+                except DashStorageError:
+                    if not dead:
+                        raise
+                    self._acq = _Acquired(self._db)
+                    continue
+                raise
+            self._acq.remark()
+            return con
+        raise DatabaseUnavailableError("every connection was closed by the server at BEGIN")
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -147,9 +238,18 @@ class _Transaction:
                 await self._tx.commit()
             else:
                 await self._tx.rollback()
-        except Exception as exc:
+        except BaseException as exc:
+            # Also on cancellation during ROLLBACK: the connection must go back to the pool.
+            if e is not None and isinstance(exc, Exception):
+                # The ROLLBACK failed because the block's own error broke the connection (e.g. it
+                # was lost mid-COPY): report the block's error, which says what really happened
+                # and may be retryable, not the rollback's "another operation is in progress".
+                if self._acq._con is not None:
+                    _discard(self._acq._con)
+                await self._acq.__aexit__(et, e, tb)
+                return  # not a driver error: the caller's own exception propagates unchanged
             await self._acq.__aexit__(type(exc), exc, None)
-            raise  # unreachable: __aexit__ raised the mapped error
+            raise
         await self._acq.__aexit__(et, e, tb)
 
 
@@ -170,6 +270,8 @@ class Database:
         self._lock: asyncio.Lock | None = None
         self._waiting = 0
         self._acquire_timeout = self.settings.connection_timeout_s
+        # How many dead connections one call may step over: the whole pool, plus one.
+        self._replay_limit = self.settings.postgres_max_pool_size + 1
         self.policy = RetryPolicy(
             attempts=self.settings.postgres_retry_attempts, delay=self.settings.retry_delay_s
         )
@@ -218,15 +320,21 @@ class Database:
         kwargs = await self.connect_kwargs()
 
         async def attempt(_: int) -> asyncpg.Pool:
-            pool = await asyncpg.create_pool(
-                min_size=s.postgres_min_pool_size,
-                max_size=s.postgres_max_pool_size,
-                max_inactive_connection_lifetime=s.idle_timeout_s,
-                init=_init_connection,
-                reset=_keep_session,
-                server_settings={"application_name": "dash-storage"},
-                **kwargs,
-            )
+            try:
+                pool = await asyncpg.create_pool(
+                    min_size=s.postgres_min_pool_size,
+                    max_size=s.postgres_max_pool_size,
+                    max_inactive_connection_lifetime=s.idle_timeout_s,
+                    init=_init_connection,
+                    reset=_keep_session,
+                    server_settings={"application_name": "dash-storage"},
+                    # Bounds every statement on a pooled connection, and asyncpg's cancel request
+                    # and reset on release, so a stalled connection cannot hold a caller forever.
+                    command_timeout=s.command_timeout_s,
+                    **kwargs,
+                )
+            except TimeoutError as exc:
+                raise self._connect_timeout() from exc
             assert pool is not None
             return pool
 
@@ -267,7 +375,10 @@ class Database:
         kwargs = await self.connect_kwargs(database)
 
         async def attempt(_: int) -> asyncpg.Connection[Record]:
-            con: asyncpg.Connection[Record] = await asyncpg.connect(**kwargs)
+            try:
+                con: asyncpg.Connection[Record] = await asyncpg.connect(**kwargs)
+            except TimeoutError as exc:
+                raise self._connect_timeout() from exc
             await _init_connection(con)
             return con
 
@@ -291,11 +402,19 @@ class Database:
 
     # -- connections --------------------------------------------------------------------------
 
+    def _connect_timeout(self) -> DatabaseUnavailableError:
+        return DatabaseUnavailableError(
+            f"timed out after {self.settings.postgres_connection_timeout} ms connecting to the "
+            "database (POSTGRES_CONNECTION_TIMEOUT)"
+        )
+
     async def _acquire(self, pool: asyncpg.Pool) -> Connection:
         if pool.get_idle_size():
             # A connection is free: skip the timeout, whose wait_for() costs a task per call.
             try:
                 return await pool.acquire()
+            except TimeoutError as exc:  # replacing a closed connection timed out
+                raise self._connect_timeout() from exc
             except Exception as exc:
                 if not is_driver_error(exc):
                     raise
@@ -337,18 +456,32 @@ class Database:
     # -- one-statement helpers ----------------------------------------------------------------
 
     async def _once(self, method: str, query: str, args: Sequence[Any], timeout: float | None) -> Any:
+        """One statement on one pooled connection.
+
+        A connection found dead before the statement was sent is replaced and the statement sent on
+        another (at most ``_replay_limit`` times). That is not a retry: nothing reached the server,
+        so it holds for writes that are never retried too.
+        """
         pool = self._pool
         if pool is None or self._loop is not asyncio.get_running_loop():
             pool = await self.ready()
-        con = await self._acquire(pool)
-        try:
-            return await getattr(con, method)(query, *args, timeout=timeout)
-        except Exception as exc:
-            if is_transient(exc):
+        replays = 0
+        while True:
+            con = await self._acquire(pool)
+            mark = _mark(con)
+            try:
+                return await getattr(con, method)(query, *args, timeout=timeout)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise map_error(exc) from exc
+                unsent = _untouched(con, mark, exc, single=True)
                 _discard(con)
-            raise map_error(exc) from exc
-        finally:
-            await pool.release(con)
+                if not unsent or replays >= self._replay_limit:
+                    raise map_error(exc) from exc
+                log.debug("pooled connection was dead (%s); using another", type(exc).__name__)
+            finally:
+                await _release(pool, con)
+            replays += 1
 
     async def _call(
         self, method: str, query: str, args: Sequence[Any], retry: bool, timeout: float | None
@@ -384,15 +517,25 @@ class Database:
         """Run ``fn(con, attempt)`` on one pooled connection (inside a transaction if asked).
 
         With ``retry=True`` the whole function is re-run on a transient failure, so it must be
-        idempotent; ``attempt`` (1 on the first try) lets it tell a retry apart.
+        idempotent; ``attempt`` (1 on the first try) lets it tell a retry apart. Either way, if the
+        connection turns out to be dead before ``fn`` sent anything on it, ``fn`` is called again
+        (same ``attempt``) on another connection: nothing reached the server, so this is safe for
+        any ``fn`` whose work before its first statement can happen twice.
         """
 
         async def once(attempt: int) -> T:
-            if transaction:
-                async with self.transaction() as con:
-                    return await fn(con, attempt)
-            async with self.acquire() as con:
-                return await fn(con, attempt)
+            # A connection found dead before ``fn`` sent anything on it is replaced: nothing was
+            # applied, so this is not a retry and holds for any ``fn``.
+            for replay in range(self._replay_limit + 1):
+                ctx = _Transaction(self, None) if transaction else _Acquired(self)
+                try:
+                    async with ctx as con:
+                        return await fn(con, attempt)
+                except DashStorageError:
+                    if not ctx.untouched or replay == self._replay_limit:
+                        raise
+                    log.debug("pooled connection was dead before use; using another")
+            raise AssertionError("unreachable")
 
         if not retry:
             return await once(1)

@@ -7,13 +7,14 @@ exception as ``__cause__`` so nothing is lost for debugging.
 
 from __future__ import annotations
 
-import asyncio
 import re
+import ssl
 from typing import Any
 
 import asyncpg
 
 __all__ = [
+    "CommandTimeoutError",
     "ConfigurationError",
     "ConflictError",
     "DashStorageError",
@@ -26,9 +27,11 @@ __all__ = [
     "SerializationConflictError",
     "TransientError",
     "ValidationError",
+    "ended_while_idle",
     "is_driver_error",
     "is_transient",
     "map_error",
+    "never_sent",
     "register_secret",
     "scrub",
 ]
@@ -87,6 +90,14 @@ class TransientError(DashStorageError):
 
 class DatabaseUnavailableError(TransientError):
     """The server cannot be reached, refused the connection, or the connection was lost."""
+
+
+class CommandTimeoutError(DatabaseUnavailableError):
+    """A statement got no answer within POSTGRES_COMMAND_TIMEOUT (or the call's ``timeout``).
+
+    The connection may be stalled or half-open, so it is discarded, never reused. Whether the
+    statement took effect is unknown: reads and idempotent writes are retried, other writes are not.
+    """
 
 
 class SerializationConflictError(TransientError):
@@ -162,8 +173,10 @@ class DatabaseError(DashStorageError):
 
 # SQLSTATEs that mean "try again later"; see retry.py for which of them are retried.
 _UNAVAILABLE_SQLSTATES = frozenset(
-    {"57P01", "57P02", "57P03", "53300", "08000", "08003", "08006", "08001", "08004"}
+    {"57P01", "57P02", "57P03", "57P05", "53300", "08000", "08003", "08006", "08001", "08004"}
 )
+# idle_session_timeout: the server ended a session that was idle, so it ran nothing of ours.
+_IDLE_SESSION_ENDED = "57P05"
 _SERIALIZATION_SQLSTATES = frozenset({"40001", "40P01"})
 _CLOSED_MESSAGES = ("connection is closed", "connection was closed", "underlying connection is closed")
 
@@ -191,8 +204,46 @@ def is_transient(exc: BaseException) -> bool:
         # The server's "terminating connection" notice arrived on an idle connection whose socket
         # is not closed yet: the next query cannot even start on it. Nothing was sent.
         return "cannot switch to state" in str(exc)
+    if isinstance(exc, FileNotFoundError):
+        # A Unix socket that is not there (no file name: not a file the package opened): the
+        # server is not listening right now, e.g. while it restarts. Like a refused TCP connect.
+        return exc.filename is None
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return False  # a certificate that fails verification fails the same way on every retry
     # A socket error below the driver (refused, reset, unreachable).
-    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | PermissionError)
+    return isinstance(exc, OSError) and not isinstance(exc, PermissionError)
+
+
+def ended_while_idle(exc: BaseException) -> bool:
+    """True when the server ended the session for idling (idle_session_timeout, SQLSTATE 57P05).
+
+    The server does that only while it waits for a command, so the statement that met this error
+    was never read. asyncpg may report it as the cause of "connection was closed in the middle of
+    operation", since the goodbye came while it waited for an answer.
+    """
+    return _IDLE_SESSION_ENDED in (_sqlstate(exc), _sqlstate(exc.__cause__ or exc))
+
+
+def never_sent(exc: BaseException) -> bool:
+    """True when ``exc`` proves that the statement it interrupted never ran on the server.
+
+    That is the case when the connection was already dead before anything was sent (asyncpg's
+    "connection is closed" check, or a server's goodbye message left unread on an idle connection,
+    which leaves the protocol unable to start the next statement), and when the server ended the
+    session for being idle (idle_session_timeout), which it only does before reading a command.
+    Such a statement can be sent again on another connection even if it is not idempotent.
+    A connection lost in the middle of a statement ("closed in the middle of operation") is not
+    such a case: the statement may have been applied.
+    """
+    if isinstance(exc, asyncpg.InternalClientError):
+        return "cannot switch to state" in str(exc)
+    if ended_while_idle(exc):
+        return True
+    return (
+        isinstance(exc, asyncpg.InterfaceError)
+        and not isinstance(exc, asyncpg.ConnectionDoesNotExistError)
+        and str(exc) == "connection is closed"
+    )
 
 
 def is_driver_error(exc: BaseException) -> bool:
@@ -215,10 +266,20 @@ def map_error(exc: BaseException, *, context: str | None = None) -> DashStorageE
     detail = _describe(exc)
     if state in _SERIALIZATION_SQLSTATES:
         return SerializationConflictError(f"{prefix}{detail}")
+    if isinstance(exc, TimeoutError):
+        return CommandTimeoutError(
+            f"{prefix}no answer from the database in time (POSTGRES_COMMAND_TIMEOUT or the call's "
+            "timeout); the connection is not reused, and the statement may or may not have taken effect"
+        )
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ConfigurationError(
+            f"{prefix}the server's TLS certificate was rejected: {detail}. Check POSTGRES_SSL "
+            "(verify-full also checks the host name against the certificate), POSTGRES_SSL_ROOT_CERT "
+            "(the CA that signed the server's certificate) and the host name you connect to",
+            variable="POSTGRES_SSL",
+        )
     if is_transient(exc):
         return DatabaseUnavailableError(f"{prefix}database unavailable: {detail}")
-    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
-        return DatabaseUnavailableError(f"{prefix}timed out waiting for the database")
     if state is not None:
         constraint = getattr(exc, "constraint_name", None)
         if state == "23505":

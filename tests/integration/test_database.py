@@ -208,3 +208,21 @@ async def test_password_absent_from_logs_and_errors(
         await db.initialize()
     texts = [str(info.value), repr(info.value), repr(db), repr(db.settings), caplog.text]
     assert all(secret not in t for t in texts)
+
+
+async def test_connection_lost_inside_transaction_reports_the_real_error(
+    db: Database, settings: Settings
+) -> None:
+    """If the connection dies inside a transaction block, the error is the (transient) loss, not
+    the follow-up failure of the ROLLBACK on a dead connection."""
+    with pytest.raises(DatabaseUnavailableError):
+        async with db.transaction() as con:
+            pid = await con.fetchval("SELECT pg_backend_pid()")
+            admin = await admin_connect(settings, TEST_DB)
+            try:
+                await admin.execute("SELECT pg_terminate_backend($1)", pid)
+            finally:
+                await admin.close()
+            await con.execute("SELECT pg_sleep(0.2)")
+    assert db.stats().in_use == 0
+    assert await db.fetchval("SELECT 1") == 1

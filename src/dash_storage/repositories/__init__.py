@@ -2,8 +2,16 @@
 
 from dash_storage.repositories.agents import AgentRepository
 from dash_storage.repositories.budgets import BudgetRepository
+from dash_storage.repositories.event_writer import EventWriter
 from dash_storage.repositories.events import EventRepository
 from dash_storage.repositories.sessions import SessionRepository
 from dash_storage.repositories.swarms import SwarmRepository
 
-__all__ = ["AgentRepository", "BudgetRepository", "EventRepository", "SessionRepository", "SwarmRepository"]
+__all__ = [
+    "AgentRepository",
+    "BudgetRepository",
+    "EventRepository",
+    "EventWriter",
+    "SessionRepository",
+    "SwarmRepository",
+]
