@@ -20,6 +20,7 @@ __all__ = [
     "MAX_LIMIT",
     "check_bool",
     "check_choice",
+    "check_duration",
     "check_int",
     "check_json",
     "check_json_object",
@@ -73,9 +74,21 @@ def check_text(
         raise ValidationError(field, f"is {len(value)} characters long, the maximum is {max_length}")
     if not allow_empty and not value.strip():
         raise ValidationError(field, "must not be empty")
-    if "\x00" in value:
-        raise ValidationError(field, "must not contain NUL characters")
+    _check_chars(value, field, "must not contain")
     return value
+
+
+def _check_chars(value: str, field: str, verb: str) -> None:
+    """Reject what PostgreSQL text cannot hold: NUL, and lone surrogates (not encodable as UTF-8)."""
+    if "\x00" in value:
+        raise ValidationError(field, f"{verb} NUL characters (PostgreSQL cannot store them)")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValidationError(
+                field, f"{verb} a lone surrogate ({value[exc.start]!r}): it is not valid Unicode text"
+            ) from None
 
 
 def check_choice(value: Any, allowed: Collection[str], field: str, *, optional: bool = False) -> str | None:
@@ -153,8 +166,21 @@ def check_timestamp(value: Any, field: str, *, optional: bool = False) -> dt.dat
         raise ValidationError(field, "is required")
     if not isinstance(value, dt.datetime):
         raise ValidationError(field, f"must be a datetime, got {type(value).__name__}")
-    if value.tzinfo is None or value.utcoffset() is None:
+    try:
+        offset = value.utcoffset()
+    except (ValueError, TypeError, OverflowError) as exc:  # a tzinfo that answers nonsense
+        raise ValidationError(field, f"has an invalid time zone: {exc}") from None
+    if offset is None:
         raise ValidationError(field, "must be timezone-aware (e.g. datetime.now(timezone.utc))")
+    if offset:
+        # Normalised to UTC: the same instant, in a form every path can send. PostgreSQL refuses
+        # text offsets beyond ±15:59 that Python allows (up to ±23:59), and a time whose UTC
+        # equivalent falls outside years 1..9999 cannot be sent at all (year 1 minus an offset
+        # would be stored BC, a value no read could return).
+        try:
+            return value.astimezone(dt.UTC)
+        except OverflowError:
+            raise ValidationError(field, f"is out of range in UTC, got {_show(value)}") from None
     return value
 
 
@@ -198,8 +224,7 @@ def _walk(value: Any, field: str, depth: int, budget: list[int]) -> None:
         budget[0] -= len(value)
         if budget[0] < 0:
             raise ValidationError(field, f"is larger than {MAX_JSON_BYTES} bytes")
-        if "\x00" in value:
-            raise ValidationError(field, "holds a string with a NUL character (PostgreSQL cannot store it)")
+        _check_chars(value, field, "holds a string with")
         return
     if isinstance(value, dict):  # other Mapping types are not JSON-serialisable by the driver's codec
         for key, item in value.items():
@@ -213,6 +238,23 @@ def _walk(value: Any, field: str, depth: int, budget: list[int]) -> None:
             _walk(item, field, depth + 1, budget)
         return
     raise ValidationError(field, f"holds a {type(value).__name__}, which is not JSON")
+
+
+def check_duration(value: Any, field: str, *, maximum: float, allow_zero: bool = False) -> float:
+    """A finite number (int, float or Decimal, not bool) in ``(0, maximum]`` (``[0, ...]`` with
+    ``allow_zero``), as float. Huge ints and signalling NaNs are rejected, never raised raw."""
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
+        raise ValidationError(field, f"must be a number, got {type(value).__name__}")
+    if isinstance(value, Decimal) and not value.is_finite():
+        raise ValidationError(field, f"must be a finite number, got {value}")
+    bounds = f"{'[0' if allow_zero else '(0'}, {maximum}]"
+    if isinstance(value, int) and abs(value) > 2**63:  # float() of a huge int overflows
+        raise ValidationError(field, f"must be in {bounds}, got a {value.bit_length()}-bit integer")
+    number = float(value)
+    low_ok = number >= 0 if allow_zero else number > 0
+    if not math.isfinite(number) or not low_ok or number > maximum:
+        raise ValidationError(field, f"must be a finite number in {bounds}, got {_show(value)}")
+    return number
 
 
 def check_limit(
@@ -262,5 +304,8 @@ def check_uuid_list(values: Any, field: str) -> list[uuid.UUID]:
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except Exception:  # an object whose repr raises still gets a ValidationError, not that error
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= 60 else text[:57] + "..."

@@ -10,7 +10,6 @@ from __future__ import annotations
 import builtins
 import datetime as dt
 import functools
-import math
 import uuid
 from typing import Any
 
@@ -121,14 +120,8 @@ def _id(value: Any, field: str = "id") -> uuid.UUID:
 
 
 def _seconds(value: Any, field: str) -> float:
-    """A positive, finite number of seconds (int or float), at most MAX_TTL_SECONDS."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValidationError(field, f"must be a number of seconds, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValidationError(field, f"must be a positive number of seconds, got {value}")
-    if value > MAX_TTL_SECONDS:
-        raise ValidationError(field, f"must be at most {MAX_TTL_SECONDS} seconds, got {value}")
-    return float(value)
+    """A positive, finite number of seconds (int, float or Decimal), at most MAX_TTL_SECONDS."""
+    return v.check_duration(value, field, maximum=MAX_TTL_SECONDS)
 
 
 def _tree(value: Any, field: str = "tree_data") -> Any:
