@@ -16,6 +16,9 @@ from dash_storage.cli.common import run
 BENCHES = {
     "repositories": "bench.repositories",
     "import": "bench.import_sqlite",
+    "hot-budget": "bench.hot_budget",
+    "queries": "bench.queries",
+    "ingest": "bench.ingest",
 }
 DOC = ROOT / "BENCHMARKS.md"
 HEADER = """# Benchmarks
