@@ -353,7 +353,25 @@ class Database:
                     f"POSTGRES_USER/POSTGRES_PASSWORD: the server rejected the login: {cause}",
                     variable="POSTGRES_PASSWORD",
                 ) from cause
+            if type(exc) is DatabaseUnavailableError:
+                # Say which server was tried, so "connection refused" is actionable.
+                raise DatabaseUnavailableError(
+                    f"cannot reach PostgreSQL at {self.describe_target()}: {exc}"
+                ) from cause
             raise
+
+    def describe_target(self) -> str:
+        """Where this Database connects, for messages (never includes a password)."""
+        s = self.settings
+        if s.target == "embedded":
+            where = self.embedded_server.socket_dir if self.embedded_server else s.dash_data_dir
+            return f"the embedded server ({where})"
+        if s.database_url is not None:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(s.database_url.get_secret_value())
+            return f"{parts.hostname or 'localhost'}:{parts.port or 5432} (DATABASE_URL)"
+        return f"{s.postgres_host}:{s.postgres_port} (POSTGRES_HOST / POSTGRES_PORT)"
 
     async def connect_kwargs(self, database: str | None = None) -> dict[str, Any]:
         """How to reach the target server (starting the embedded one if needed)."""

@@ -161,8 +161,9 @@ async def test_unreachable_server_fails_with_unavailable(settings: Settings) -> 
         postgres_retry_delay=1,
         postgres_connection_timeout=500,
     )
-    with pytest.raises(DatabaseUnavailableError):
+    with pytest.raises(DatabaseUnavailableError) as info:
         await db.initialize()
+    assert "127.0.0.1:1 (POSTGRES_HOST / POSTGRES_PORT)" in str(info.value)  # says what it tried
     report = await db.health_check()
     assert not report.ok and report.error
 

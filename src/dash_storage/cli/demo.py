@@ -47,6 +47,14 @@ async def _demo(
 
 
 def _render(result: DemoResult, applied: list[str], where: str) -> None:
+    _render_views(result, applied, where)
+    if where == "embedded":
+        console.print(
+            "The embedded PostgreSQL keeps running for the next command; [bold]dash-db down[/] stops it."
+        )
+
+
+def _render_views(result: DemoResult, applied: list[str], where: str) -> None:
     p = result.progress
     console.print(
         f"\n[bold]Demo swarm[/] {result.swarm_id} on the {where} PostgreSQL "
