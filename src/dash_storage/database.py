@@ -142,6 +142,10 @@ def _untouched(con: Connection, mark: _Mark, exc: BaseException, *, single: bool
         return False
     if not (never_sent(exc) or _is_dead(con)):
         return False  # e.g. a timeout: the connection is alive, the statement went out
+    if isinstance(exc, asyncpg.ConnectionDoesNotExistError) and not ended_while_idle(exc):
+        # "Closed in the middle of operation": something was in flight. asyncpg's statement count
+        # does not include COPY, so the count alone cannot prove that nothing was sent.
+        return False
     if mark is None:
         return single and never_sent(exc)
     sent = mark[0].queries_count - mark[1]
@@ -269,6 +273,7 @@ class Database:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
         self._waiting = 0
+        self._closed = False
         self._acquire_timeout = self.settings.connection_timeout_s
         # How many dead connections one call may step over: the whole pool, plus one.
         self._replay_limit = self.settings.postgres_max_pool_size + 1
@@ -296,13 +301,20 @@ class Database:
         The first connect is retried per POSTGRES_RETRY_ATTEMPTS / POSTGRES_RETRY_DELAY. Calling it
         again is a no-op.
         """
+        self._closed = False
         await self.ready()
 
     async def ready(self) -> asyncpg.Pool:
-        """The open pool, opening it on first use (also after the event loop changed)."""
+        """The open pool, opening it on first use (also after the event loop changed).
+
+        After ``close()`` it refuses (until ``initialize()`` is called again), so background work
+        that outlives a close (a retry, a combined batch) cannot silently reopen a pool nobody closes.
+        """
         pool = self._pool
         if pool is not None and self._loop is asyncio.get_running_loop():
             return pool
+        if self._closed:
+            raise DatabaseUnavailableError("this Database was closed; call initialize() to open it again")
         if self._lock is None or self._loop is not asyncio.get_running_loop():
             if pool is not None:
                 # The pool belongs to a loop that is gone (e.g. a second asyncio.run()).
@@ -312,7 +324,11 @@ class Database:
             self._loop = asyncio.get_running_loop()
         async with self._lock:
             if self._pool is None:
-                self._pool = await self._open()
+                pool = await self._open()
+                if self._closed:  # close() ran while the pool was being opened
+                    pool.terminate()
+                    raise DatabaseUnavailableError("this Database was closed while it was opening")
+                self._pool = pool
             return self._pool
 
     async def _open(self) -> asyncpg.Pool:
@@ -404,6 +420,7 @@ class Database:
 
     async def close(self) -> None:
         """Close the pool gracefully (waits for connections in use to be released)."""
+        self._closed = True
         pool, self._pool = self._pool, None
         if pool is not None:
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from uuid import uuid4 as new_uuid
 
 import asyncpg
 import pytest
@@ -227,3 +228,70 @@ async def test_connection_lost_inside_transaction_reports_the_real_error(
             await con.execute("SELECT pg_sleep(0.2)")
     assert db.stats().in_use == 0
     assert await db.fetchval("SELECT 1") == 1
+
+
+async def test_a_closed_database_is_not_reopened_by_stray_work(make_database) -> None:
+    """Found in review: work that outlived close() (a background retry) silently reopened a pool
+    that nobody would close. After close() the Database refuses until initialize() is called."""
+    db: Database = await make_database()
+    await db.close()
+    with pytest.raises(DatabaseUnavailableError, match="closed"):
+        await db.fetchval("SELECT 1")
+    assert not db.is_initialized
+    await db.initialize()
+    assert await db.fetchval("SELECT 1") == 1
+
+
+async def test_budget_combiner_does_not_keep_its_database_alive(settings: Settings) -> None:
+    """Found in review: a module-level map of combiners kept every Database (and its loop) alive."""
+    import gc
+    import weakref
+
+    from dash_storage.repositories.budgets import BudgetRepository
+
+    db = Database(settings)
+    await db.initialize()
+    assert await BudgetRepository(db).try_consume(new_uuid(), 1, "0.01") is not None
+    await db.close()
+    ref = weakref.ref(db)
+    del db
+    gc.collect()
+    assert ref() is None
+
+
+async def test_run_does_not_replay_a_copy_cut_off_mid_stream(db: Database, settings: Settings) -> None:
+    """Found in review: asyncpg does not count COPY as a sent statement, so a connection lost in the
+    middle of a COPY looked "untouched" and run() re-ran it even with retry=False."""
+    await db.execute("DROP TABLE IF EXISTS copy_probe")
+    await db.execute("CREATE TABLE copy_probe (v int)")
+    calls = 0
+
+    async def copy(con, attempt: int) -> None:
+        nonlocal calls
+        calls += 1
+        await con.copy_records_to_table("copy_probe", records=[(i,) for i in range(10)])
+
+    admin = await admin_connect(settings, TEST_DB)
+    try:
+        lock = admin.transaction()
+        await lock.start()
+        # SHARE lets asyncpg's column lookup (a SELECT) through but blocks the COPY itself.
+        await admin.execute("LOCK TABLE copy_probe IN SHARE MODE")
+        task = asyncio.create_task(db.run(copy, retry=False))
+        for _ in range(100):  # wait until the COPY is blocked on the lock
+            await asyncio.sleep(0.02)
+            pid = await admin.fetchval(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND query LIKE 'COPY%' AND pid <> pg_backend_pid()"
+            )
+            if pid:
+                break
+        assert pid, "the COPY never started"
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        await lock.rollback()
+        with pytest.raises(DatabaseUnavailableError):
+            await task
+    finally:
+        await admin.close()
+        await db.execute("DROP TABLE IF EXISTS copy_probe")
+    assert calls == 1

@@ -16,7 +16,7 @@ import pytest
 
 from dash_storage.config import Settings
 from dash_storage.database import Connection, Database
-from dash_storage.errors import DashStorageError
+from dash_storage.errors import ConflictError, DashStorageError
 from dash_storage.ids import new_id
 from dash_storage.models import ConsumeStatus
 from dash_storage.repositories.budgets import BudgetRepository
@@ -289,3 +289,75 @@ async def test_lost_answer_consume_is_granted_and_charged_once(
     created = await repo.create("project", uuid.uuid4(), allocated=1)
     assert await BudgetRepository(db).find_by_id(created.id) == created
     assert lossy.replays == 5
+
+
+class RetryAttemptDatabase(Database):
+    """Runs every retried operation directly as attempt 2, as after a transient failure of a first
+    attempt that wrote nothing (a deadlock, a connection lost before the write)."""
+
+    async def run(
+        self, fn: Callable[[Connection, int], Awaitable[T]], *, retry: bool = False, transaction: bool = False
+    ) -> T:
+        if not retry:
+            return await super().run(fn, transaction=transaction)
+
+        async def second(con: Connection, _: int) -> T:
+            return await fn(con, 2)
+
+        return await super().run(second, transaction=transaction)
+
+
+@pytest.mark.parametrize("size", [1, 5, 200], ids=["create", "insert-batch", "copy-batch"])
+async def test_a_retry_never_adopts_another_events_id(db: Database, settings: Any, size: int) -> None:
+    """Found in review: a retry that met an existing id took that row as its own lost write and
+    reported success, although it was another event. It must be a ConflictError, and the batch
+    must stay all or nothing."""
+    swarm_id = await db.fetchval("INSERT INTO swarms (id, name) VALUES ($1, 'owner') RETURNING id", new_id())
+    theirs = await EventRepository(db).create(swarm_id, "theirs", payload={"who": "first"})
+    retrying = RetryAttemptDatabase(settings)
+    await retrying.initialize()
+    try:
+        repo = EventRepository(retrying)
+        mine = [{"swarm_id": swarm_id, "type": "mine", "payload": {"n": i}} for i in range(size - 1)]
+        with pytest.raises(ConflictError):
+            if size == 1:
+                await repo.create(swarm_id, "mine", payload={"who": "second"}, id=theirs.id)
+            else:
+                await repo.create_many([*mine, {"swarm_id": swarm_id, "type": "mine", "id": theirs.id}])
+        # A retry that finds its OWN earlier write still succeeds (the lost-answer case).
+        again = await repo.create(
+            swarm_id, "theirs", payload={"who": "first"}, id=theirs.id, timestamp=theirs.timestamp
+        )
+        assert again == theirs
+    finally:
+        await retrying.close()
+    rows = await db.fetch("SELECT type, payload FROM events ORDER BY type")
+    assert [(r["type"], r["payload"]) for r in rows] == [("theirs", {"who": "first"})]
+
+
+async def test_retried_creates_of_other_entities_never_adopt_a_taken_id(db: Database, settings: Any) -> None:
+    """The same rule for swarms, agents, sessions and budgets: on a retry, an existing row is ours
+    only if it holds what we sent; otherwise the create is a ConflictError."""
+    from dash_storage.repositories import AgentRepository, SessionRepository, SwarmRepository
+
+    swarm = await SwarmRepository(db).create(name="first")
+    agent = await AgentRepository(db).create(swarm.id, model="m1")
+    session = await SessionRepository(db).create(tree_data={"root": "a"})
+    budget = await BudgetRepository(db).create("swarm", swarm.id, allocated=1)
+    retrying = RetryAttemptDatabase(settings)
+    await retrying.initialize()
+    try:
+        with pytest.raises(ConflictError):
+            await SwarmRepository(retrying).create(name="second", id=swarm.id)
+        with pytest.raises(ConflictError):
+            await AgentRepository(retrying).create(swarm.id, model="m2", id=agent.id)
+        with pytest.raises(ConflictError):
+            await SessionRepository(retrying).create(tree_data={"root": "b"}, id=session.id)
+        other = await SwarmRepository(db).create(name="other")
+        with pytest.raises(ConflictError):
+            await BudgetRepository(retrying).create("swarm", other.id, allocated=1, id=budget.id)
+        # Finding its own earlier write is still a success.
+        assert (await SwarmRepository(retrying).create(name="first", id=swarm.id)).id == swarm.id
+    finally:
+        await retrying.close()
+    assert await db.fetchval("SELECT count(*) FROM swarms") == 2

@@ -52,7 +52,7 @@ from dash_storage.models import (
     LifecycleState,
     Unset,
 )
-from dash_storage.repositories.base import Repository
+from dash_storage.repositories.base import Repository, written_by_us
 
 __all__ = [
     "AGENT_LIFECYCLE_TRANSITIONS",
@@ -348,6 +348,9 @@ class AgentRepository(Repository):
             if row is None:
                 if attempt > 1:  # our own row, written by an attempt whose answer was lost
                     row = await con.fetchrow(SELECT_AGENT_BY_ID, agent_id)
+                    ours = {"swarm_id": args[1], "label": args[2], "model": args[5], "task": args[6]}
+                    if row is not None and not written_by_us(row, ours):
+                        row = None  # another agent already had this id
                 if row is None:
                     raise ConflictError(f"agent {agent_id} already exists", constraint="agents_pkey")
             return Agent(*row)

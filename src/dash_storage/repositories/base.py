@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
 from dash_storage.database import Database, get_database
+
+
+def written_by_us(row: Any, expected: Mapping[str, Any]) -> bool:
+    """On a retried create that found its id taken: is the stored row the one the lost first
+    attempt wrote (same values), or a different row that already had the id (a real conflict)?
+
+    JSON values are compared as JSON (a tuple sent is a list stored).
+    """
+    for key, value in expected.items():
+        if isinstance(value, dict | list | tuple):
+            value = orjson.loads(orjson.dumps(value))
+        if row[key] != value:
+            return False
+    return True
 
 
 class Repository:

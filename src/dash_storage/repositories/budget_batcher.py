@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-import weakref
 from decimal import Decimal
 from typing import Any
 
@@ -577,12 +576,14 @@ class ConsumeCombiner:
         # else its batch is in flight: the leader answers it into the void.
 
 
-_combiners: weakref.WeakKeyDictionary[Database, ConsumeCombiner] = weakref.WeakKeyDictionary()
-
-
 def combiner_for(db: Database) -> ConsumeCombiner:
-    """The combiner of ``db`` on the running event loop (one per Database, shared by repositories)."""
-    combiner = _combiners.get(db)
+    """The combiner of ``db`` on the running event loop (one per Database, shared by repositories).
+
+    Kept on the Database itself, so it lives exactly as long as the Database (a module-level map
+    keyed by Database would keep every Database alive through the combiner's reference to it).
+    """
+    combiner: ConsumeCombiner | None = getattr(db, "_consume_combiner", None)
     if combiner is None or combiner.loop is not asyncio.get_running_loop():
-        combiner = _combiners[db] = ConsumeCombiner(db)
+        combiner = ConsumeCombiner(db)
+        db._consume_combiner = combiner  # type: ignore[attr-defined]
     return combiner

@@ -50,7 +50,7 @@ from dash_storage.models import (
     SwarmBudgetSummary,
     Unset,
 )
-from dash_storage.repositories.base import Repository
+from dash_storage.repositories.base import Repository, written_by_us
 from dash_storage.repositories.budget_batcher import (  # the consume statements live there
     CONSUME,
     CONSUME_BATCH,
@@ -263,6 +263,9 @@ class BudgetRepository(Repository):
             if row is None:
                 if attempt > 1:  # our own row, written by an attempt whose answer was lost
                     row = await con.fetchrow(SELECT_BUDGET_BY_ID, budget_id)
+                    ours = {"scope_type": args[2], "scope_id": args[3]}
+                    if row is not None and not written_by_us(row, ours):
+                        row = None  # another budget already had this id
                 if row is None:
                     raise ConflictError(f"budget {budget_id} already exists", constraint="budgets_pkey")
             return Budget(*row)

@@ -247,6 +247,27 @@ def _check_event(
     )
 
 
+def _is_ours(stored: Any, row: _Row, payload: bytes) -> bool:
+    """On a retry, is the stored event with our id the one we sent (written by the attempt whose
+    answer was lost), or another event that already had that id (a conflict to report, never a
+    success to adopt)? ``stored`` is a row in EVENT_COLUMNS order; ``row`` is in _Row order."""
+    return bool(
+        stored[1] == row[1]
+        and stored[2] == row[2]
+        and stored[3] == row[3]
+        and stored[6] == row[6]
+        and stored[7] == row[7]
+        and stored[8] == row[8]
+        and stored[9] == row[9]
+        and (row[5] is None or stored[5] == row[5])
+        and stored[4] == orjson.loads(payload)
+    )
+
+
+def _not_ours(event_id: Any) -> ConflictError:
+    return ConflictError(f"event {event_id} already exists (with other content)", constraint="events_pkey")
+
+
 def _dump_payload(value: Any, field: str) -> bytes:
     try:
         return orjson.dumps(value)
@@ -424,8 +445,10 @@ class EventRepository(Repository):
         async def insert(con: Connection, attempt: int) -> Event:
             row = await con.fetchrow(INSERT_EVENT, *args)
             if row is None:
-                if attempt > 1:  # our own row, written by an attempt whose answer was lost
+                if attempt > 1:  # our own row if an attempt whose answer was lost wrote it
                     row = await con.fetchrow(SELECT_EVENT_BY_ID, args[0])
+                    if row is not None and not _is_ours(row, args, orjson.dumps(args[4])):
+                        raise _not_ours(args[0])
                 if row is None:
                     raise ConflictError(f"event {args[0]} already exists", constraint="events_pkey")
             return Event(*row)
@@ -607,11 +630,15 @@ async def _insert_attempt(
     if attempt == 1:
         by_id = {r[0]: r for r in await con.fetch(INSERT_EVENTS, *columns)}
     else:
-        by_id = {r[0]: r for r in await con.fetch(INSERT_EVENTS_RETRY, *columns)}
-        missing = [str(r[0]) for r in rows if r[0] not in by_id]
-        if missing:  # written by the attempt whose answer was lost
-            for r in await con.fetch(SELECT_EVENTS_BY_IDS, missing):
-                by_id[r[0]] = r
+        # One transaction, so that finding another event's id rolls the whole batch back.
+        async with con.transaction():
+            by_id = {r[0]: r for r in await con.fetch(INSERT_EVENTS_RETRY, *columns)}
+            missing = {r[0]: (r, p) for r, p in zip(rows, payloads, strict=True) if r[0] not in by_id}
+            if missing:  # written by the attempt whose answer was lost, or another event's id
+                for r in await con.fetch(SELECT_EVENTS_BY_IDS, [str(i) for i in missing]):
+                    if not _is_ours(r, *missing[r[0]]):
+                        raise _not_ours(r[0])
+                    by_id[r[0]] = r
     try:
         return [Event(*by_id[r[0]]) for r in rows]
     except KeyError as exc:
@@ -648,7 +675,10 @@ async def _copy_in_transaction(
     stored: dict[uuid.UUID, Event] = {}
     todo, todo_payloads = rows, payloads
     if attempt > 1:
+        sent = {r[0]: (r, p) for r, p in zip(rows, payloads, strict=True)}
         for r in await con.fetch(SELECT_EVENTS_BY_IDS, [str(r[0]) for r in rows]):
+            if not _is_ours(r, *sent[r[0]]):
+                raise _not_ours(r[0])  # an id that belonged to another event: a real conflict
             stored[r[0]] = Event(*r)
         if stored:
             kept = [i for i, r in enumerate(rows) if r[0] not in stored]

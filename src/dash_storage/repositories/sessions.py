@@ -18,7 +18,7 @@ from dash_storage.database import Connection
 from dash_storage.errors import ConflictError, ValidationError
 from dash_storage.ids import new_id
 from dash_storage.models import SESSION_COLUMNS, UNSET, Session, Unset
-from dash_storage.repositories.base import Repository
+from dash_storage.repositories.base import Repository, written_by_us
 
 __all__ = ["MAX_TTL_SECONDS", "SESSION_ORDER_COLUMNS", "SessionRepository"]
 
@@ -170,6 +170,9 @@ class SessionRepository(Repository):
             if row is None:
                 if attempt > 1:  # our own row, written by an attempt whose answer was lost
                     row = await con.fetchrow(SELECT_SESSION_ANY, session_id)
+                    ours = {"tree_data": args[1], "current_branch": args[2]}
+                    if row is not None and not written_by_us(row, ours):
+                        row = None  # another session already had this id
                 if row is None:
                     raise ConflictError(f"session {session_id} already exists", constraint="sessions_pkey")
             return Session(*row)

@@ -20,7 +20,7 @@ from dash_storage.database import Connection
 from dash_storage.errors import ConflictError, ValidationError
 from dash_storage.ids import new_id
 from dash_storage.models import SWARM_COLUMNS, UNSET, Swarm, SwarmStatus, SwarmSummary, Unset
-from dash_storage.repositories.base import Repository
+from dash_storage.repositories.base import Repository, written_by_us
 
 __all__ = ["FINAL_SWARM_STATUSES", "SWARM_ORDER_COLUMNS", "SwarmRepository"]
 
@@ -146,6 +146,8 @@ class SwarmRepository(Repository):
             if row is None:
                 if attempt > 1:  # our own row, written by an attempt whose answer was lost
                     row = await con.fetchrow(SELECT_SWARM_BY_ID, swarm_id)
+                    if row is not None and not written_by_us(row, {"name": args[1], "config": args[2]}):
+                        row = None  # another swarm already had this id
                 if row is None:
                     raise ConflictError(f"swarm {swarm_id} already exists", constraint="swarms_pkey")
             return Swarm(*row)
