@@ -15,7 +15,7 @@ from pathlib import Path
 
 import asyncpg
 
-from dash_storage.config import Settings, load_settings
+from dash_storage.config import load_settings
 from dash_storage.database import Database
 from dash_storage.migrations.runner import MigrationRunner
 
@@ -23,13 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
-def bench_settings(database: str) -> Settings:
-    return load_settings(postgres_db=database)
-
-
 @asynccontextmanager
-async def scratch_database(name: str, **overrides: object) -> AsyncIterator[Database]:
-    """A freshly created and migrated database ``name`` (dropped afterwards), as a Database."""
+async def scratch_database(name: str, *, keep: bool = False, **overrides: object) -> AsyncIterator[Database]:
+    """A freshly created and migrated database ``name`` (dropped afterwards unless ``keep``)."""
     # Loaders send long statements (millions of rows): no per-statement time limit here.
     settings = load_settings(postgres_db=name, **{"postgres_command_timeout": 0, **overrides})
     admin_db = Database(settings)
@@ -45,7 +41,8 @@ async def scratch_database(name: str, **overrides: object) -> AsyncIterator[Data
         yield db
     finally:
         await db.close()
-        await admin.execute(f"DROP DATABASE IF EXISTS {ident} WITH (FORCE)")
+        if not keep:
+            await admin.execute(f"DROP DATABASE IF EXISTS {ident} WITH (FORCE)")
         await admin.close()
 
 

@@ -27,7 +27,6 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 
@@ -35,59 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.legacy_factory
 sys.path.insert(0, str(ROOT / "src"))
 
+from bench.common import RESULTS, scratch_database  # noqa: E402
 from dash_storage.cli.common import run as run_loop  # noqa: E402
-from dash_storage.config import load_settings  # noqa: E402
 from dash_storage.database import Database  # noqa: E402
 from dash_storage.legacy import import_sqlite  # noqa: E402
+from dash_storage.models import Event  # noqa: E402
 from tests.legacy_factory import build_legacy_file  # noqa: E402
 
 BENCH_DB = "dash_bench_import"
-RESULTS = ROOT / "bench" / "results"
-EVENT_COLUMNS = (
-    "id",
-    "swarm_id",
-    "agent_id",
-    "type",
-    "payload",
-    "timestamp",
-    "correlation_id",
-    "parent_event_id",
-    "entity_type",
-    "severity",
-)
-
-
-async def admin(settings: Any) -> asyncpg.Connection:
-    db = Database(settings)
-    return await asyncpg.connect(**await db.connect_kwargs("postgres"))
-
-
-async def recreate(settings: Any) -> None:
-    con = await admin(settings)
-    try:
-        await con.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
-        await con.execute(f"CREATE DATABASE {BENCH_DB}")
-    finally:
-        await con.close()
-
-
-async def drop(settings: Any) -> None:
-    con = await admin(settings)
-    try:
-        await con.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
-    finally:
-        await con.close()
-
-
-async def migrate(db: Database) -> str:
-    try:
-        from dash_storage.migrations.runner import MigrationRunner
-    except ImportError:
-        schema = (ROOT / "src" / "dash_storage" / "schema.sql").read_text(encoding="utf-8")
-        await db.execute(schema)
-        return "schema.sql"
-    await MigrationRunner(db).migrate()
-    return "migrations"
+EVENT_COLUMNS = Event._fields
 
 
 def legacy_file(events: int, swarms: int, agents: int, rebuild: bool) -> tuple[Path, float | None]:
@@ -139,11 +94,9 @@ async def run(
 ) -> str:
     """Run the benchmark; the results as a Markdown section."""
     path, build_seconds = legacy_file(events, swarms, agents, rebuild)
-    settings = load_settings(postgres_db=BENCH_DB, postgres_min_pool_size=1, postgres_max_pool_size=4)
-    await recreate(settings)
-    db = Database(settings)
-    try:
-        how = await migrate(db)
+    async with scratch_database(
+        BENCH_DB, keep=keep, postgres_min_pool_size=1, postgres_max_pool_size=4
+    ) as db:
         server_version = await db.fetchval("SHOW server_version")
 
         first = await import_sqlite(db, path, batch_size=batch_size, report_path=RESULTS / "import.jsonl")
@@ -152,10 +105,6 @@ async def run(
             db, path, batch_size=batch_size, dry_run=True, report_path=RESULTS / "dry.jsonl"
         )
         copied, copy_seconds = await raw_copy_baseline(db, batch_size)
-    finally:
-        await db.close()
-        if not keep:
-            await drop(settings)
 
     ev = first.tables["events"]
     raw_rate = copied / copy_seconds if copy_seconds else 0.0
@@ -163,7 +112,7 @@ async def run(
         "## import-sqlite: legacy dash.db → PostgreSQL (issue 5)",
         "",
         f"- machine: `{platform.machine()}`, {os.cpu_count()} CPUs, PostgreSQL {server_version} "
-        f"(schema from {how}), asyncpg {asyncpg.__version__}, Python {platform.python_version()}",
+        f"(schema from migrations), asyncpg {asyncpg.__version__}, Python {platform.python_version()}",
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         "- command: `make bench` / `python -m bench import`",
         f"- legacy file: {path.name} ({path.stat().st_size / 1e6:.0f} MB; "

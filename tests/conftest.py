@@ -18,6 +18,7 @@ import pytest
 
 from dash_storage.config import Settings, load_settings
 from dash_storage.database import Database
+from dash_storage.migrations.runner import MigrationRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_DB = os.environ.get("DASH_TEST_DATABASE", "dash_test")
@@ -66,10 +67,6 @@ async def drop_database(settings: Settings, name: str) -> None:
 
 
 async def migrate(database: Database) -> None:
-    try:
-        from dash_storage.migrations.runner import MigrationRunner
-    except ImportError:  # before the migration system exists
-        return
     await MigrationRunner(database).migrate()
 
 

@@ -22,18 +22,13 @@ from dash_storage.models import ConsumeStatus
 from dash_storage.repositories.budgets import BudgetRepository
 from dash_storage.repositories.events import EventRepository
 from tests.conftest import TEST_DB, admin_connect
+from tests.faults.workload import terminate_loop
 
 MakeDatabase = Callable[..., Awaitable[Database]]
 T = TypeVar("T")
 
 # Kills every pooled connection of the library on the test database (the admin connection running
 # it has another application_name, so it survives).
-KILL_POOL = """
-SELECT count(*) FROM (
-    SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-    WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name = 'dash-storage'
-) AS killed
-"""
 
 
 async def make_swarm(db: Database) -> uuid.UUID:
@@ -49,21 +44,10 @@ async def terminating_connections(settings: Settings, interval: float = 0.01) ->
     Yields a one-item list holding the number of connections terminated so far.
     """
     admin = await admin_connect(settings, TEST_DB)
-    killed = [0]
-    stop = asyncio.Event()
-
-    async def loop() -> None:
-        while not stop.is_set():
-            killed[0] += int(await admin.fetchval(KILL_POOL))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
-
-    task = asyncio.create_task(loop())
     try:
-        yield killed
+        async with terminate_loop(admin, interval) as killed:
+            yield killed
     finally:
-        stop.set()
-        await task
         await admin.close()
 
 

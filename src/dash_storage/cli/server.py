@@ -15,6 +15,7 @@ from dash_storage.cli.common import console, fail, print_json, run
 from dash_storage.config import Settings, load_settings
 from dash_storage.database import Database
 from dash_storage.errors import DashStorageError
+from dash_storage.migrations.runner import MigrationRunner
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 
@@ -111,10 +112,6 @@ async def _doctor(settings: Settings) -> dict[str, Any]:
 
 
 async def _migration_state(db: Database) -> dict[str, Any]:
-    try:
-        from dash_storage.migrations.runner import MigrationRunner
-    except ImportError:
-        return {"available": False}
     try:
         runner = MigrationRunner(db)
         entries = await runner.status()

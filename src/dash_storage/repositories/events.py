@@ -110,18 +110,7 @@ INSERT_EVENTS_RETRY = INSERT_EVENTS_TEMPLATE.format(on_conflict="ON CONFLICT (id
 # is text-format, so the rows are encoded here, which is as fast and needs no per-connection
 # introspection query.)
 COPY_TABLE = "events"
-COPY_COLUMNS = (
-    "id",
-    "swarm_id",
-    "agent_id",
-    "type",
-    "payload",
-    "timestamp",
-    "correlation_id",
-    "parent_event_id",
-    "entity_type",
-    "severity",
-)
+COPY_COLUMNS = Event._fields
 # The database clock of the COPY's transaction: the value every defaulted timestamp gets.
 SELECT_NOW = "SELECT now()"
 # One event by primary key.
