@@ -105,8 +105,11 @@ async def db(database: Database) -> Database:
 
 
 @pytest.fixture
-async def make_database(settings: Settings) -> AsyncIterator[Callable[..., Awaitable[Database]]]:
-    """Build extra Database objects on the test database with setting overrides; closed afterwards."""
+async def make_database(
+    settings: Settings, database: Database
+) -> AsyncIterator[Callable[..., Awaitable[Database]]]:
+    """Build extra Database objects on the test database (created and migrated) with setting
+    overrides; closed afterwards."""
     made: list[Database] = []
 
     async def factory(**overrides: Any) -> Database:

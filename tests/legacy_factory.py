@@ -80,7 +80,7 @@ EVENT_ANOMALIES = {
     "bad_payload": 20,  # repaired
     "bad_source": 10,  # repaired
     "list_payload": 5,  # repaired (wrapped into an object)
-    "bad_timestamp": 5,  # repaired (now())
+    "bad_timestamp": 5,  # repaired (1970-01-01T00:00:00Z, the text kept in the payload)
     "epoch_timestamp": 5,  # epoch milliseconds as text: read as a time, not a repair
 }
 EVENT_REJECTED = ("missing_swarm", "null_swarm_agent", "null_id")

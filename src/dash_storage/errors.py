@@ -13,10 +13,13 @@ from typing import Any
 
 import asyncpg
 
+from dash_storage import driver
+
 __all__ = [
     "CommandTimeoutError",
     "ConfigurationError",
     "ConflictError",
+    "ConnectionLostError",
     "DashStorageError",
     "DatabaseError",
     "DatabaseUnavailableError",
@@ -27,8 +30,10 @@ __all__ = [
     "SerializationConflictError",
     "TransientError",
     "ValidationError",
+    "connection_lost",
     "ended_while_idle",
     "is_driver_error",
+    "is_retryable",
     "is_transient",
     "map_error",
     "never_sent",
@@ -68,6 +73,10 @@ def scrub(text: str) -> str:
 class DashStorageError(Exception):
     """Base class of every error raised by dash-storage."""
 
+    #: Set when the error comes out of a retry loop that spent every attempt, so that no outer
+    #: layer retries it again.
+    retries_exhausted: bool = False
+
     def __init__(self, message: str) -> None:
         super().__init__(scrub(message))
 
@@ -92,11 +101,22 @@ class DatabaseUnavailableError(TransientError):
     """The server cannot be reached, refused the connection, or the connection was lost."""
 
 
+class ConnectionLostError(DatabaseUnavailableError):
+    """An open connection ended: the server closed it (an administrator's pg_terminate_backend, a
+    restart, idle_session_timeout) or the network dropped it.
+
+    Reads and idempotent writes are retried at once on a fresh connection. A write that is not
+    idempotent fails with this error when it may have reached the server, because then nobody can
+    tell whether it took effect.
+    """
+
+
 class CommandTimeoutError(DatabaseUnavailableError):
     """A statement got no answer within POSTGRES_COMMAND_TIMEOUT (or the call's ``timeout``).
 
     The connection may be stalled or half-open, so it is discarded, never reused. Whether the
-    statement took effect is unknown: reads and idempotent writes are retried, other writes are not.
+    statement took effect is unknown, and it is not re-run: a statement that ran out of time once
+    would most likely run out of time again, and a timeout is not a dead connection.
     """
 
 
@@ -178,7 +198,15 @@ _UNAVAILABLE_SQLSTATES = frozenset(
 # idle_session_timeout: the server ended a session that was idle, so it ran nothing of ours.
 _IDLE_SESSION_ENDED = "57P05"
 _SERIALIZATION_SQLSTATES = frozenset({"40001", "40P01"})
-_CLOSED_MESSAGES = ("connection is closed", "connection was closed", "underlying connection is closed")
+# The server ended a session that was open, in words a user understands.
+_ENDED_BY_SERVER = {
+    "57P01": "the server ended the connection (an administrator terminated it, or the server is "
+    "shutting down)",
+    "57P02": "the server ended the connection because another server process crashed",
+    "57P05": "the server ended the connection because it sat idle past idle_session_timeout",
+    "08003": "the connection no longer exists on the server",
+    "08006": "the connection to the server failed",
+}
 
 
 def _sqlstate(exc: BaseException) -> str | None:
@@ -192,18 +220,19 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, DashStorageError):
         return False
+    if driver.message_is_ssl_rejected(exc):
+        return False  # the server has no TLS: every retry would be refused the same way
     state = _sqlstate(exc)
     if state is not None and (state in _UNAVAILABLE_SQLSTATES or state in _SERIALIZATION_SQLSTATES):
         return True
     if isinstance(exc, asyncpg.PostgresConnectionError | ConnectionError):
         return True
     if isinstance(exc, asyncpg.InterfaceError):
-        text = str(exc)
-        return any(m in text for m in _CLOSED_MESSAGES)
+        return driver.message_is_closed(exc)
     if isinstance(exc, asyncpg.InternalClientError):
         # The server's "terminating connection" notice arrived on an idle connection whose socket
         # is not closed yet: the next query cannot even start on it. Nothing was sent.
-        return "cannot switch to state" in str(exc)
+        return driver.message_is_state_switch(exc)
     if isinstance(exc, FileNotFoundError):
         # A Unix socket that is not there (no file name: not a file the package opened): the
         # server is not listening right now, e.g. while it restarts. Like a refused TCP connect.
@@ -212,6 +241,48 @@ def is_transient(exc: BaseException) -> bool:
         return False  # a certificate that fails verification fails the same way on every retry
     # A socket error below the driver (refused, reset, unreachable).
     return isinstance(exc, OSError) and not isinstance(exc, PermissionError)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True when a retry of the same call may succeed: transient, and not a timeout.
+
+    A statement that got no answer in time is not re-run: it would most likely time out again
+    (a lock wait, a slow plan), and its connection was alive. Its connection is still discarded.
+    """
+    if isinstance(exc, TimeoutError | CommandTimeoutError):
+        return False
+    return is_transient(exc)
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """True when ``exc`` (raw or mapped) is an open connection that ended, not a failed connect.
+
+    A retry of such a failure goes at once, on a fresh connection: back-off is for a server that is
+    down or overloaded, not for one that closed a single session.
+    """
+    if isinstance(exc, ConnectionLostError):
+        return True
+    if isinstance(exc, DashStorageError):
+        return False
+    if _sqlstate(exc) in _ENDED_BY_SERVER:
+        return True
+    if isinstance(exc, asyncpg.ConnectionDoesNotExistError | ConnectionResetError | BrokenPipeError):
+        return True
+    return driver.message_is_state_switch(exc) or (
+        isinstance(exc, asyncpg.InterfaceError) and driver.message_is_closed(exc)
+    )
+
+
+def _lost_message(exc: BaseException) -> str:
+    said = _ENDED_BY_SERVER.get(
+        _sqlstate(exc.__cause__ or exc) or "",
+        _ENDED_BY_SERVER.get(_sqlstate(exc) or "", "the connection to the server was lost"),
+    )
+    if isinstance(exc, asyncpg.ConnectionDoesNotExistError):
+        return f"{said} while a statement was in flight; it may or may not have taken effect"
+    if driver.message_is_state_switch(exc) or isinstance(exc, asyncpg.InterfaceError):
+        return f"{said} before the statement was sent; nothing was applied"
+    return said
 
 
 def ended_while_idle(exc: BaseException) -> bool:
@@ -236,14 +307,10 @@ def never_sent(exc: BaseException) -> bool:
     such a case: the statement may have been applied.
     """
     if isinstance(exc, asyncpg.InternalClientError):
-        return "cannot switch to state" in str(exc)
+        return driver.message_is_state_switch(exc)
     if ended_while_idle(exc):
         return True
-    return (
-        isinstance(exc, asyncpg.InterfaceError)
-        and not isinstance(exc, asyncpg.ConnectionDoesNotExistError)
-        and str(exc) == "connection is closed"
-    )
+    return driver.message_is_closed_before_send(exc)
 
 
 def is_driver_error(exc: BaseException) -> bool:
@@ -278,6 +345,14 @@ def map_error(exc: BaseException, *, context: str | None = None) -> DashStorageE
             "(the CA that signed the server's certificate) and the host name you connect to",
             variable="POSTGRES_SSL",
         )
+    if driver.message_is_ssl_rejected(exc):
+        return ConfigurationError(
+            f"{prefix}the server does not accept TLS connections, but POSTGRES_SSL (or sslmode in "
+            "DATABASE_URL) requires TLS: enable ssl on the server, or set POSTGRES_SSL=disable",
+            variable="POSTGRES_SSL",
+        )
+    if connection_lost(exc):
+        return ConnectionLostError(f"{prefix}{_lost_message(exc)} ({detail})")
     if is_transient(exc):
         return DatabaseUnavailableError(f"{prefix}database unavailable: {detail}")
     if state is not None:
@@ -309,6 +384,6 @@ def map_error(exc: BaseException, *, context: str | None = None) -> DashStorageE
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     detail: Any = getattr(exc, "detail", None)
-    if detail:
+    if detail and str(detail) not in text:  # asyncpg's text may already carry the DETAIL line
         text = f"{text} ({detail})"
     return text

@@ -233,9 +233,9 @@ class SwarmSummary:
     created_at: dt.datetime
     running_agents: int
     total_agents: int
-    budget_allocated: Decimal
+    budget_allocated: Decimal  # 0 when the swarm has no swarm-scope budget
     budget_consumed: Decimal
-    budget_percentage: Decimal
+    budget_percentage: Decimal | None  # None when the swarm has no swarm-scope budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +287,7 @@ class ConsumeStatus(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class ConsumeResult:
-    """What ``BudgetRepository.try_consume`` did. ``granted`` is the seed's boolean answer."""
+    """What ``BudgetRepository.try_consume`` did. ``granted`` is the yes/no answer of ``consume_budget``."""
 
     status: ConsumeStatus
     budget_id: uuid.UUID
@@ -305,7 +305,7 @@ class BudgetUsage:
     tokens: int
     cost: Decimal
     percentage_tokens: Decimal | None  # None when tokens are unlimited
-    percentage_cost: Decimal
+    percentage_cost: Decimal  # rounded down to 2 decimals; 100.00 exactly when no money is left
     remaining_tokens: int | None  # None when tokens are unlimited
     remaining_cost: Decimal
     is_exceeded: bool  # no headroom left (cost or tokens)
@@ -318,5 +318,5 @@ class SwarmBudgetSummary:
     allocated: Decimal
     consumed: Decimal
     remaining: Decimal
-    max_tokens: int | None  # None when any budget is unlimited
+    max_tokens: int | None  # None (unlimited) when any budget is unlimited, or there is none
     used_tokens: int

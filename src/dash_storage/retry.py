@@ -1,5 +1,10 @@
 """What is transient, and the backoff policy for retrying it.
 
+One policy, applied once: a call is retried by the outermost layer that asked for retries, never by
+two layers wrapped around each other (a retried query around a retried connect would multiply
+the attempts and the waits). An error that already went through a retry loop carries
+``retries_exhausted`` and is never retried again by an outer one.
+
 Written by hand rather than with tenacity: the fast path (first attempt succeeds) must cost no more
 than a ``try`` block, because it wraps every repository call.
 """
@@ -13,9 +18,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from dash_storage.errors import DashStorageError, is_driver_error, is_transient, map_error
+from dash_storage.errors import (
+    DashStorageError,
+    connection_lost,
+    is_driver_error,
+    is_retryable,
+    is_transient,
+    map_error,
+)
 
-__all__ = ["RetryPolicy", "is_transient", "retry_call"]
+__all__ = ["RetryPolicy", "exhausted", "is_transient", "retry_call"]
 
 T = TypeVar("T")
 log = logging.getLogger("dash_storage.retry")
@@ -47,19 +59,23 @@ async def retry_call(
     """Run ``op(attempt)`` and retry it on transient failures per ``policy``.
 
     ``op`` receives the attempt number (1 for the first try) so that an idempotent write can tell
-    a retry from a first try. Non-transient errors are raised at once; every error leaves as a
-    DashStorageError with the driver's exception as its cause.
+    a retry from a first try. Non-transient errors, timeouts and errors that an inner retry loop
+    already gave up on are raised at once; every error leaves as a DashStorageError with the
+    driver's exception as its cause. The first retry after a lost connection goes without delay.
     """
     attempt = 1
     while True:
         try:
             return await op(attempt)
         except Exception as exc:
-            if attempt > policy.attempts or not is_transient(exc):
-                if isinstance(exc, DashStorageError) or not is_driver_error(exc):
+            if attempt > policy.attempts or not is_retryable(exc) or exhausted(exc):
+                err = exc if isinstance(exc, DashStorageError) or not is_driver_error(exc) else map_error(exc)
+                if isinstance(err, DashStorageError) and attempt > policy.attempts:
+                    err.retries_exhausted = True
+                if err is exc:
                     raise
-                raise map_error(exc) from exc
-            wait = policy.backoff(attempt)
+                raise err from exc
+            wait = 0.0 if attempt == 1 and connection_lost(exc) else policy.backoff(attempt)
             log.warning(
                 "%s failed (%s), retry %d/%d in %.3fs",
                 what,
@@ -68,5 +84,11 @@ async def retry_call(
                 policy.attempts,
                 wait,
             )
-            await asyncio.sleep(wait)
+            if wait:
+                await asyncio.sleep(wait)
             attempt += 1
+
+
+def exhausted(exc: BaseException) -> bool:
+    """True when ``exc`` comes out of a retry loop that already spent the policy's attempts."""
+    return bool(getattr(exc, "retries_exhausted", False))

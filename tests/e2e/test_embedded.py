@@ -111,3 +111,31 @@ def test_library_starts_embedded_on_demand(embedded_env: dict[str, str]) -> None
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["embedded", "dash_e2e"]
+
+
+def test_concurrent_first_starts_all_succeed(tmp_path: Path) -> None:
+    """Several commands run at once on a fresh DASH_DATA_DIR: one initialises and starts the
+    server, the others wait for it, and every one creates-or-finds the database without error."""
+    env = _env(tmp_path)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "dash_storage", "doctor", "--json"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+        for proc, (out, err) in zip(procs, results, strict=True):
+            assert proc.returncode == 0, err
+            assert "asyncpg" not in err and "Traceback" not in err, err
+            assert json.loads(out)["target"] == "embedded"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        dash_db(env, "down")

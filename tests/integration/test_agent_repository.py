@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 
-from dash_storage import ConflictError, Database, InvalidTransitionError, NotFoundError, ValidationError
+from dash_storage import (
+    ConflictError,
+    DashStorageError,
+    Database,
+    InvalidTransitionError,
+    NotFoundError,
+    ValidationError,
+)
 from dash_storage.ids import new_id
 from dash_storage.models import Agent, AgentActivity, AgentStatus
 from dash_storage.repositories.agents import (
@@ -102,6 +109,7 @@ async def test_create_in_missing_swarm_is_not_found(db: Database) -> None:
     with pytest.raises(NotFoundError) as err:
         await AgentRepository(db).create(missing)
     assert err.value.entity == "swarm" and err.value.key == missing
+    assert str(err.value) == f"swarm {missing} not found"
     assert await db.fetchval("SELECT count(*) FROM agents") == 0
 
 
@@ -275,7 +283,8 @@ def test_transition_table_shape() -> None:
     statuses = {s.value for s in AgentStatus}
     assert set(AGENT_STATUS_TRANSITIONS) == statuses
     for current, targets in AGENT_STATUS_TRANSITIONS.items():
-        assert current in targets  # same status is always a no-op success
+        if current != "paused":  # paused is pause()'s, never update_status's
+            assert current in targets  # same status is always a no-op success
     assert AGENT_STATUS_TRANSITIONS["completed"] == {"completed"}
     assert AGENT_STATUS_TRANSITIONS["failed"] == {"failed", "pending"}
     assert AGENT_LIFECYCLE_TRANSITIONS["destroyed"] == {"destroyed"}
@@ -296,7 +305,7 @@ async def test_update_status_rules(db: Database) -> None:
     same = await repo.update_status(agent.id, "completed")
     assert same is not None and same.completed_at == done.completed_at
     before = await snapshot(db)
-    for target in ("running", "pending", "failed", "killed", "paused", "blocked"):
+    for target in ("running", "pending", "failed", "killed", "blocked"):
         with pytest.raises(InvalidTransitionError) as err:
             await repo.update_status(agent.id, target)
         assert (err.value.entity, err.value.key, err.value.current) == ("agent", agent.id, "completed")
@@ -433,6 +442,209 @@ async def test_increment_retry(db: Database) -> None:
     assert await db.fetchval("SELECT retry_count FROM agents WHERE id = $1", agent.id) == 2
 
 
+async def test_update_status_refuses_paused_and_points_to_pause(db: Database) -> None:
+    """Pausing records when, by whom and the lifecycle state; update_status cannot, so it refuses."""
+    swarm_id = await _swarm(db)
+    repo = AgentRepository(db)
+    agent = await repo.create(swarm_id, status="running", lifecycle_state="running")
+    before = await snapshot(db)
+    with pytest.raises(ValidationError) as err:
+        await repo.update_status(agent.id, "paused")
+    assert err.value.field == "status" and "pause(" in str(err.value)
+    assert await snapshot(db) == before
+    paused = await repo.pause(agent.id, "operator")
+    assert paused is not None
+    with pytest.raises(ValidationError):
+        await repo.update_status(agent.id, "paused")  # also when it already is paused
+    assert await repo.find_by_id(agent.id) == paused
+
+
+async def test_update_status_does_not_resume_a_paused_agent(db: Database) -> None:
+    """Leaving paused for pending / running / blocked is resume()'s job (it clears the pause marks
+    and sets the lifecycle state); update_status refuses it, naming resume()."""
+    swarm_id = await _swarm(db)
+    repo = AgentRepository(db)
+    agent = await repo.create(swarm_id, status="running", lifecycle_state="running")
+    paused = await repo.pause(agent.id, "operator")
+    before = await snapshot(db)
+    for target in ("running", "pending", "blocked"):
+        with pytest.raises(InvalidTransitionError) as err:
+            await repo.update_status(agent.id, target)
+        assert err.value.current == "paused" and "resume()" in str(err.value)
+    assert await snapshot(db) == before
+    assert await repo.find_by_id(agent.id) == paused
+    assert AGENT_STATUS_TRANSITIONS["paused"] == {"completed", "failed", "killed"}
+    assert not any("paused" in targets for targets in AGENT_STATUS_TRANSITIONS.values())
+
+
+async def test_stopping_a_paused_agent_clears_the_pause_marks(db: Database) -> None:
+    """pause_time / paused_by describe the current pause: set exactly while the status is paused."""
+    swarm_id = await _swarm(db)
+    repo = AgentRepository(db)
+    for final in ("completed", "killed", "failed"):
+        agent = await repo.create(swarm_id, status="running")
+        await repo.pause(agent.id, "operator")
+        stopped = await repo.update_status(agent.id, final, last_error="stopped while paused")
+        assert stopped is not None and stopped.status == final and stopped.completed_at is not None
+        assert (stopped.pause_time, stopped.paused_by) == (None, None)
+    rerun = await repo.update_status(agent.id, "pending")  # failed -> pending: a re-run
+    assert rerun is not None and (rerun.pause_time, rerun.paused_by) == (None, None)
+
+
+async def test_create_paused_stamps_pause_time(db: Database) -> None:
+    swarm_id = await _swarm(db)
+    repo = AgentRepository(db)
+    before = await db.fetchval("SELECT now()")
+    paused = await repo.create(swarm_id, status="paused")
+    assert paused.pause_time is not None and paused.pause_time >= before and paused.paused_by is None
+    assert (await repo.create(swarm_id, status="running")).pause_time is None
+
+
+async def test_increment_retry_with_expected_is_a_compare_and_set(db: Database) -> None:
+    swarm_id = await _swarm(db)
+    repo = AgentRepository(db)
+    agent = await repo.create(swarm_id)
+    one = await repo.increment_retry(agent.id, expected=0)
+    assert one is not None and one.retry_count == 1
+    before = await snapshot(db)
+    with pytest.raises(ConflictError) as err:
+        await repo.increment_retry(agent.id, expected=0)  # stale: it is 1 now
+    assert "retry_count is 1" in str(err.value) and "expected 0" in str(err.value)
+    assert await snapshot(db) == before
+    two = await repo.increment_retry(str(agent.id), expected=1)
+    assert two is not None and two.retry_count == 2
+    assert await repo.increment_retry(uuid.uuid4(), expected=0) is None
+    assert (await repo.increment_retry(agent.id, expected=None)).retry_count == 3  # type: ignore[union-attr]
+
+
+async def test_concurrent_compare_and_set_increments_one_wins(db: Database) -> None:
+    swarm_id = await _swarm(db)
+    repo = AgentRepository(db)
+    agent = await repo.create(swarm_id)
+    results = await asyncio.gather(
+        *(repo.increment_retry(agent.id, expected=0) for _ in range(10)), return_exceptions=True
+    )
+    assert sum(isinstance(r, Agent) for r in results) == 1
+    assert sum(isinstance(r, ConflictError) for r in results) == 9
+    assert await db.fetchval("SELECT retry_count FROM agents WHERE id = $1", agent.id) == 1
+
+
+class CommitAnswerLost(Database):
+    """``run(transaction=True, retry=True)`` whose first attempt COMMITs (``commit=True``) or is
+    rolled back (``commit=False``) and whose answer is lost; ``between`` runs before the retry
+    (another caller's work); the retry is attempt 2 of the same function."""
+
+    def __init__(self, settings: Any, *, commit: bool, between: Callable[[], Awaitable[Any]]) -> None:
+        super().__init__(settings)
+        self.commit = commit
+        self.between = between
+        self.retried: list[bool] = []
+
+    async def run(self, fn: Any, *, retry: bool = False, transaction: bool = False) -> Any:
+        self.retried.append(retry)
+        if not retry:
+            return await super().run(fn, transaction=transaction)
+
+        class Lost(Exception):
+            pass
+
+        async def first(con: Any, _: int) -> Any:
+            await fn(con, 1)
+            if not self.commit:
+                raise Lost  # rolled back, as when the connection breaks before COMMIT is answered
+
+        try:
+            await super().run(first, transaction=transaction)
+        except Lost:
+            pass
+        await self.between()
+        return await super().run(lambda con, _a: fn(con, 2), transaction=transaction)
+
+
+async def test_increment_retry_with_expected_is_retried_and_applies_once(db: Database, settings: Any) -> None:
+    """The compare-and-set variant is retried by the library: a retry after a lost COMMIT answer
+    finds its own committed increment (and answers success), never adds a second one, and never
+    takes another caller's increment for its own."""
+    swarm_id = await _swarm(db)
+    repo = AgentRepository(db)
+
+    async def nothing() -> None:
+        return None
+
+    async def scenario(commit: bool, between: Callable[[uuid.UUID], Awaitable[Any]]) -> tuple[Any, int]:
+        agent = await repo.create(swarm_id)
+        lossy = CommitAnswerLost(settings, commit=commit, between=lambda: between(agent.id))
+        try:
+            try:
+                outcome: Any = await AgentRepository(lossy).increment_retry(agent.id, expected=0)
+            except ConflictError as exc:
+                outcome = exc
+            assert lossy.retried == [True]  # asked for retries
+        finally:
+            await lossy.close()
+        count = await db.fetchval("SELECT retry_count FROM agents WHERE id = $1", agent.id)
+        return outcome, count
+
+    # Committed, answer lost: the retry recognises its own increment.
+    outcome, count = await scenario(True, lambda a: nothing())
+    assert isinstance(outcome, Agent) and outcome.retry_count == 1 and count == 1
+    # Committed, answer lost, then another caller went on from 1 to 2: still our success.
+    outcome, count = await scenario(True, lambda a: repo.increment_retry(a, expected=1))
+    assert isinstance(outcome, Agent) and outcome.retry_count == 2 and count == 2
+    # Rolled back: the retry applies it (once).
+    outcome, count = await scenario(False, lambda a: nothing())
+    assert isinstance(outcome, Agent) and outcome.retry_count == 1 and count == 1
+    # Rolled back while another caller with the same expectation won: that is not our success.
+    outcome, count = await scenario(False, lambda a: repo.increment_retry(a, expected=0))
+    assert isinstance(outcome, ConflictError) and count == 1
+    # Without ``expected`` the increment stays relative and is never retried.
+    plain = await repo.create(swarm_id)
+    lossy = CommitAnswerLost(settings, commit=True, between=nothing)
+    try:
+        assert (await AgentRepository(lossy).increment_retry(plain.id)).retry_count == 1  # type: ignore[union-attr]
+    finally:
+        await lossy.close()
+
+
+async def test_compare_and_set_increments_while_connections_are_terminated(
+    db: Database, settings: Any, make_database: Callable[..., Awaitable[Database]]
+) -> None:
+    """Workers race to move one agent's retry_count by compare-and-set while the server terminates
+    every connection in a loop: no step is ever claimed by two callers, and every claimed step is
+    stored (the count exceeds the claims only by calls that failed with an unknown outcome)."""
+    from tests.integration.test_safe_retries import terminating_connections
+
+    agent = await AgentRepository(db).create(await _swarm(db))
+    repo = AgentRepository(await make_database(postgres_retry_attempts=6, postgres_retry_delay=10))
+    claimed: list[int] = []
+    unknown = 0
+
+    async def worker() -> None:
+        nonlocal unknown
+        for _ in range(15):
+            try:
+                current = await repo.find_by_id(agent.id)
+            except DashStorageError:
+                continue
+            assert current is not None
+            try:
+                moved = await repo.increment_retry(agent.id, expected=current.retry_count)
+            except ConflictError:
+                continue
+            except DashStorageError:
+                unknown += 1
+                continue
+            assert moved is not None and moved.retry_count > current.retry_count
+            claimed.append(current.retry_count)
+
+    async with terminating_connections(settings, interval=0.01) as killed:
+        await asyncio.gather(*(worker() for _ in range(8)))
+    assert killed[0] > 0 and claimed
+    final = await db.fetchval("SELECT retry_count FROM agents WHERE id = $1", agent.id, retry=True)
+    assert len(claimed) == len(set(claimed)), "one step claimed by two callers"
+    assert len(claimed) <= final <= len(claimed) + unknown
+
+
 async def test_get_activity(db: Database) -> None:
     s1, s2 = await _swarm(db, "alpha"), await _swarm(db, "beta")
     repo = AgentRepository(db)
@@ -535,6 +747,12 @@ BAD_INPUT: list[tuple[str, Call, str]] = [
     ("pause paused_by long", lambda r, s, a: r.pause(a, "p" * 256), "paused_by"),
     ("resume id", lambda r, s, a: r.resume(123), "agent_id"),  # type: ignore[arg-type]
     ("increment_retry id", lambda r, s, a: r.increment_retry("x"), "id"),
+    ("increment_retry id with expected", lambda r, s, a: r.increment_retry("x", expected=0), "id"),
+    ("increment_retry expected negative", lambda r, s, a: r.increment_retry(a, expected=-1), "expected"),
+    ("increment_retry expected float", lambda r, s, a: r.increment_retry(a, expected=0.0), "expected"),  # type: ignore[arg-type]
+    ("increment_retry expected str", lambda r, s, a: r.increment_retry(a, expected="0"), "expected"),  # type: ignore[arg-type]
+    ("increment_retry expected max", lambda r, s, a: r.increment_retry(a, expected=2**31 - 1), "expected"),
+    ("update_status paused", lambda r, s, a: r.update_status(a, "paused"), "status"),
     ("activity swarm_id", lambda r, s, a: r.get_activity(swarm_id="x"), "swarm_id"),
     ("activity agent_id", lambda r, s, a: r.get_activity(agent_id="x"), "agent_id"),
     ("activity limit", lambda r, s, a: r.get_activity(limit=0), "limit"),

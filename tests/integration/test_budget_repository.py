@@ -103,9 +103,19 @@ async def test_create_conflicts(db: Database, repo: BudgetRepository) -> None:
         await repo.create("swarm", swarm, allocated=2)  # one budget per scope
     with pytest.raises(ConflictError):
         await repo.create("project", uuid.uuid4(), id=first.id)
-    with pytest.raises(ConflictError):
-        await repo.create("swarm", uuid.uuid4())  # no such swarm
     assert [b.id for b in await repo.list()] == [first.id]
+
+
+async def test_create_for_a_missing_swarm_is_not_found(db: Database, repo: BudgetRepository) -> None:
+    missing = uuid.uuid4()
+    with pytest.raises(NotFoundError) as err:
+        await repo.create("swarm", missing)
+    assert (err.value.entity, err.value.key) == ("swarm", missing)
+    assert str(err.value) == f"swarm {missing} not found"
+    with pytest.raises(NotFoundError) as err:
+        await repo.create("agent", uuid.uuid4(), swarm_id=missing, allocated=1)
+    assert (err.value.entity, err.value.key) == ("swarm", missing)
+    assert await repo.list() == []
 
 
 @pytest.mark.parametrize(
@@ -544,7 +554,9 @@ async def test_swarm_budget_summary(db: Database, repo: BudgetRepository) -> Non
         0,
         0,
     )
-    assert (empty.max_tokens, empty.used_tokens) == (0, 0)
+    # No budget limits nothing: unlimited tokens (None), as for a budget whose max_tokens is NULL;
+    # 0 would mean "no tokens allowed".
+    assert (empty.max_tokens, empty.used_tokens) == (None, 0)
     main = await repo.create("swarm", swarm, allocated=100, max_tokens=5000)
     sub = await repo.create("agent", a1, swarm_id=swarm, allocated="10.5", max_tokens=1000)
     await repo.consume_budget(main.id, 100, 20)
@@ -598,3 +610,65 @@ async def test_reset_concurrent_with_consumes_keeps_ledger_equal_to_counters(
     after = await repo.find_by_id(budget.id)
     assert after is not None
     assert await ledger(db, budget.id) == (after.used_tokens, after.used_tokens, after.consumed)
+
+
+# -- one definition of "percent used" and "exceeded", in Python and in the views ---------------------
+
+PERCENT_CASES = [
+    ("0", "0"),  # a zero allocation: nothing can be spent, so it is all used
+    ("10", "0"),
+    ("10", "2.5"),
+    ("10", "10"),
+    ("3", "1"),
+    ("3", "2"),
+    ("8", "1"),  # 12.5 exactly
+    ("1", "0.00125"),  # 0.125 -> 0.12: rounded down
+    ("1", "0.0012499999"),
+    ("99999999999999.9999999999", "0.0000000001"),
+    ("99999999999999.9999999999", "99999999999999.9999999998"),
+    ("0.0000000003", "0.0000000001"),
+    ("7", "6.99995"),  # 99.99929 -> 99.99
+    ("1", "0.99999"),  # 99.999 -> 99.99: 100.00 only once nothing is left
+]
+
+
+async def test_view_and_get_usage_agree_on_percentage(db: Database, repo: BudgetRepository) -> None:
+    """swarm_summary.budget_percentage and get_usage().percentage_cost are one definition."""
+    from dash_storage.repositories.swarms import SwarmRepository
+
+    swarms = SwarmRepository(db)
+    for allocated, consumed in PERCENT_CASES:
+        budget = await swarm_budget(db, repo, allocated=allocated)
+        if Decimal(consumed):
+            assert await repo.consume_budget(budget.id, 0, consumed)
+        usage = await repo.get_usage(budget.id)
+        summary = await swarms.get_summary(budget.scope_id)
+        assert usage is not None and summary is not None
+        assert summary.budget_percentage == usage.percentage_cost, (allocated, consumed)
+        assert usage.percentage_cost.as_tuple().exponent == -2  # always two decimals
+        assert (usage.percentage_cost == 100) == usage.is_exceeded, (allocated, consumed)
+    zero = await repo.get_usage((await swarm_budget(db, repo)).id)
+    assert zero is not None
+    assert (zero.percentage_cost, zero.is_exceeded, zero.remaining_cost) == (Decimal("100.00"), True, 0)
+
+
+async def test_percentage_function_matches_python(db: Database) -> None:
+    from dash_storage.repositories.budgets import percent_used
+
+    cases = [*PERCENT_CASES, ("1", "0.004999"), ("1", "0.005"), ("6", "1"), ("3", "2")]
+    for whole, part in cases:
+        got = await db.fetchval("SELECT dash_budget_percentage($1::numeric, $2::numeric)", part, whole)
+        assert str(got) == str(percent_used(Decimal(part), Decimal(whole))), (part, whole)
+    assert str(percent_used(Decimal(2), Decimal(3))) == "66.66"
+    assert str(percent_used(Decimal(0), Decimal(0))) == "100.00"
+    assert await db.fetchval("SELECT dash_budget_percentage(NULL, 1)") is None
+
+
+async def test_swarm_without_budget_has_no_percentage(db: Database) -> None:
+    """A swarm without a swarm-scope budget is not "0 % used" nor "100 % used": it has no budget."""
+    from dash_storage.repositories.swarms import SwarmRepository
+
+    swarm = await make_swarm(db)
+    summary = await SwarmRepository(db).get_summary(swarm)
+    assert summary is not None
+    assert (summary.budget_allocated, summary.budget_consumed, summary.budget_percentage) == (0, 0, None)

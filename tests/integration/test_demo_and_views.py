@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 from decimal import Decimal
 
+import pytest
+
 from dash_storage import Database
+from dash_storage.errors import ValidationError
+from dash_storage.repositories.agents import AgentRepository
+from dash_storage.repositories.events import EventRepository
+from dash_storage.repositories.sessions import SessionRepository
+from dash_storage.repositories.swarms import SwarmRepository
 from dash_storage.simulation import run_demo
 from tests.conftest import TEST_DB
 
@@ -54,8 +64,8 @@ async def test_demo_simulation_invariants(db: Database) -> None:
     assert set(session["metadata"]) >= {"swarm_id", "branch_1_created_by", "branch_3_created_by"}
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "POSTGRES_DB": TEST_DB}
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**(os.environ if env is None else env), "POSTGRES_DB": TEST_DB}
     return subprocess.run(
         [sys.executable, "-m", "dash_storage", *args],
         env=env,
@@ -95,10 +105,153 @@ async def test_terminal_views(db: Database) -> None:
     assert table.returncode == 0 and "swarms (1)" in table.stdout
 
 
-def test_views_reject_bad_input_with_usage_error() -> None:
-    bad_uuid = _cli("agents", "--swarm", "not-a-uuid")
-    assert bad_uuid.returncode == 2 and "not a UUID" in bad_uuid.stderr
-    bad_status = _cli("agents", "--status", "sleeping")
-    assert bad_status.returncode == 1 and "status" in bad_status.stderr
-    bad_limit = _cli("events", "--limit", "0")
-    assert bad_limit.returncode == 2
+def _flat(text: str) -> str:
+    return " ".join(text.replace("│", " ").split())
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (("agents", "--swarm", "not-a-uuid"), "--swarm"),
+        (("agents", "--status", "sleeping"), "--status"),
+        (("agents", "--lifecycle", "asleep"), "--lifecycle"),
+        (("swarms", "--status", "bogus"), "--status"),
+        (("events", "--severity", "loud"), "--severity"),
+        (("events", "--limit", "0"), "--limit"),
+        (("events", "--since", "yesterday"), "--since"),
+        (("events", "--since", "15x"), "--since"),
+        (("events", "--since", "-2h"), "--since"),
+        (("events", "--since", "2h", "--hours", "2"), "--since"),
+        (("budgets", "--scope-type", "galaxy"), "--scope-type"),
+        (("sessions", "--limit", "0"), "--limit"),
+        (("events", "--type", ""), "--type"),  # checked by the library, still named as the option
+        (("events", "--type", "x" * 300), "--type"),
+    ],
+)
+def test_views_reject_bad_input_with_usage_error(args: tuple[str, ...], option: str) -> None:
+    result = _cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert option in result.stderr
+    assert result.stdout == ""
+
+
+async def test_piped_tables_keep_ids_numbers_and_json_payloads_whole(db: Database) -> None:
+    result = await run_demo(db, agents=3, seconds=0.5, allocated=Decimal("0.02"), seed=3)
+    swarm_id = str(result.swarm_id)
+    await EventRepository(db).create(
+        result.swarm_id, "note", payload={"text": "[red]not markup[/]", "n": 1}, entity_type="system"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # a pipe, as in CI or make demo
+
+    swarms = _cli("swarms", env=env)
+    assert swarms.returncode == 0, swarms.stderr
+    assert swarm_id in swarms.stdout and "…" not in swarms.stdout
+
+    budgets = _cli("budgets", "--swarm", swarm_id, env=env)
+    assert budgets.returncode == 0, budgets.stderr
+    assert "2000000" in budgets.stdout and "…" not in budgets.stdout
+
+    agents = _cli("agents", "--swarm", swarm_id, env=env)
+    assert agents.returncode == 0, agents.stderr
+    for row in await db.fetch("SELECT id FROM agents WHERE swarm_id = $1", result.swarm_id):
+        assert str(row["id"]) in agents.stdout
+
+    events = _cli("events", "--swarm", swarm_id, "--type", "note", env=env)
+    assert events.returncode == 0, events.stderr
+    assert '{"n":1,"text":"[red]not markup[/]"}' in events.stdout  # JSON (jsonb key order), not repr
+    assert "'text'" not in events.stdout
+
+    demo = _cli("demo", "--agents", "2", "--seconds", "0.5", "--budget", "0.01", env=env)
+    assert demo.returncode == 0, demo.stderr
+    assert "…" not in demo.stdout
+    assert re.search(r"│ demo-swarm-[0-9a-f]{6} +│", demo.stdout), demo.stdout
+    assert re.search(r"Demo swarm [0-9a-f-]{36} on the", demo.stdout), demo.stdout
+
+
+async def test_events_since_and_limit(db: Database) -> None:
+    swarm = await SwarmRepository(db).create(name="since")
+    events = EventRepository(db)
+    now = await db.fetchval("SELECT now()")
+    await events.create(swarm.id, "old", timestamp=now - dt.timedelta(days=3))
+    await events.create(swarm.id, "hour", timestamp=now - dt.timedelta(minutes=90))
+    for _ in range(3):
+        await events.create(swarm.id, "recent")
+
+    def types(*args: str) -> list[str]:
+        result = _cli("events", "--swarm", str(swarm.id), "--json", *args)
+        assert result.returncode == 0, result.stderr
+        return [e["type"] for e in json.loads(result.stdout)]
+
+    assert sorted(set(types("--since", "15m"))) == ["recent"]
+    assert sorted(set(types("--since", "2h"))) == ["hour", "recent"]
+    assert sorted(set(types("--since", "1d"))) == ["hour", "recent"]
+    assert sorted(set(types("--since", "1w"))) == ["hour", "old", "recent"]
+    stamp = (now - dt.timedelta(hours=2)).astimezone(dt.UTC).replace(tzinfo=None).isoformat()
+    assert sorted(set(types("--since", stamp))) == ["hour", "recent"]  # no offset: UTC
+    assert sorted(set(types("--since", (now - dt.timedelta(hours=2)).isoformat()))) == ["hour", "recent"]
+    assert types("--limit", "2") == ["recent", "recent"]
+
+
+async def test_agents_lifecycle_filter(db: Database) -> None:
+    swarm = await SwarmRepository(db).create(name="lifecycle")
+    agents = AgentRepository(db)
+    first = await agents.create(swarm.id, model="m", task="t")
+    second = await agents.create(swarm.id, model="m", task="t")
+    await agents.update_lifecycle_state(second.id, "spawning")
+
+    def ids(*args: str) -> list[str]:
+        result = _cli("agents", "--swarm", str(swarm.id), "--json", *args)
+        assert result.returncode == 0, result.stderr
+        return [a["id"] for a in json.loads(result.stdout)]
+
+    assert ids("--lifecycle", "spawning") == [str(second.id)]
+    assert ids("--lifecycle", first.lifecycle_state) == [str(first.id)]
+    assert ids("--lifecycle", "destroyed") == []
+
+
+async def test_sessions_view(db: Database) -> None:
+    sessions = SessionRepository(db)
+    live = await sessions.create(tree_data={"root": "main"}, current_branch="main", metadata={"k": "v"})
+    expired = await sessions.create(current_branch="old", ttl_seconds=0.001)
+    await asyncio.sleep(0.05)
+
+    listed = _cli("sessions", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert [r["id"] for r in rows] == [str(live.id)]
+    assert rows[0]["tree_data"] == {"root": "main"} and rows[0]["metadata"] == {"k": "v"}
+
+    everything = _cli("sessions", "--include-expired", "--json")
+    assert {r["id"] for r in json.loads(everything.stdout)} == {str(live.id), str(expired.id)}
+
+    table = _cli("sessions")
+    assert table.returncode == 0, table.stderr
+    assert "sessions (1)" in table.stdout and str(live.id) in table.stdout
+    assert '{"k":"v"}' in table.stdout
+
+
+async def test_demo_checks_every_option_before_writing(db: Database) -> None:
+    cases = [
+        (("--budget", "-1"), "--budget"),
+        (("--budget", "0"), "--budget"),
+        (("--budget", "abc"), "--budget"),
+        (("--budget", "NaN"), "--budget"),
+        (("--budget", "0.00000000001"), "--budget"),
+        (("--agents", "0"), "--agents"),
+        (("--seconds", "nan"), "--seconds"),
+        (("--seconds", "0.1"), "--seconds"),
+    ]
+    for args, option in cases:
+        result = _cli("demo", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert option in result.stderr, (args, result.stderr)
+        assert result.stdout == "", "no progress bars before the options are checked"
+    assert await db.fetchval("SELECT count(*) FROM swarms") == 0
+    assert await db.fetchval("SELECT count(*) FROM events") == 0
+
+
+async def test_run_demo_checks_its_options_before_writing(db: Database) -> None:
+    with pytest.raises(ValidationError) as info:
+        await run_demo(db, agents=2, seconds=0.5, allocated=Decimal(-1))
+    assert info.value.field == "allocated"
+    assert await db.fetchval("SELECT count(*) FROM swarms") == 0

@@ -22,7 +22,7 @@ import pytest
 from dash_storage import DashStorageError, EventWriter
 from dash_storage.config import Settings
 from dash_storage.database import Connection, Database
-from dash_storage.errors import ConflictError, ValidationError
+from dash_storage.errors import ConflictError, NotFoundError, ValidationError
 from dash_storage.ids import new_id
 from dash_storage.models import Event
 from dash_storage.repositories.events import COPY_MIN_BATCH, EventRepository
@@ -258,7 +258,7 @@ async def test_copy_batch_is_all_or_nothing(db: Database) -> None:
         await repo.create_many(items)
     items = [{"swarm_id": swarm, "type": f"n{i}"} for i in range(200)]
     items[199]["swarm_id"] = uuid.uuid4()  # unknown swarm: foreign key
-    with pytest.raises(ConflictError):
+    with pytest.raises(NotFoundError):
         await repo.create_many(items)
     assert await db.fetchval("SELECT count(*) FROM events") == 1
 
@@ -349,11 +349,12 @@ async def test_writer_error_reaches_only_the_callers_it_concerns(db: Database) -
     repo = EventRepository(db)
     taken = await repo.create(swarm, "taken")
     bad = {7, 123, 124, 180}
+    missing = {i: uuid.uuid4() for i in bad}
     twice = new_id()
 
     async def one(writer: EventWriter, i: int) -> Event:
         if i in bad:
-            return await writer.create(uuid.uuid4(), f"t{i}")  # no such swarm
+            return await writer.create(missing[i], f"t{i}")  # no such swarm
         if i == 50:
             return await writer.create(swarm, f"t{i}", id=taken.id)  # id exists
         if i in (60, 61):
@@ -363,7 +364,11 @@ async def test_writer_error_reaches_only_the_callers_it_concerns(db: Database) -
     async with EventWriter(db) as writer:
         outcomes = await asyncio.gather(*(one(writer, i) for i in range(200)), return_exceptions=True)
     for i, outcome in enumerate(outcomes):
-        if i in bad or i == 50:
+        if i in bad:  # each caller learns which swarm is missing: its own
+            assert isinstance(outcome, NotFoundError), (i, outcome)
+            assert (outcome.entity, outcome.key) == ("swarm", missing[i])
+            assert str(outcome) == f"swarm {missing[i]} not found"
+        elif i == 50:
             assert isinstance(outcome, ConflictError), (i, outcome)
         elif i not in (60, 61):
             assert isinstance(outcome, Event) and outcome.type == f"t{i}", (i, outcome)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from dash_storage.database import Database
-from dash_storage.errors import ConflictError, ValidationError
+from dash_storage.errors import ConflictError, NotFoundError, ValidationError
 from dash_storage.ids import new_id
 from dash_storage.models import Event, Severity
 from dash_storage.repositories.events import EventRepository
@@ -107,12 +107,41 @@ async def test_create_existing_id_is_conflict(db: Database, repo: EventRepositor
     assert (await repo.find_by_id(first.id)) == first
 
 
-async def test_create_unknown_swarm_or_agent_is_conflict(db: Database, repo: EventRepository) -> None:
+async def test_create_unknown_swarm_or_agent_is_not_found(db: Database, repo: EventRepository) -> None:
     swarm = await make_swarm(db)
-    with pytest.raises(ConflictError):
-        await repo.create(uuid.uuid4(), "a")
-    with pytest.raises(ConflictError):
-        await repo.create(swarm, "a", agent_id=uuid.uuid4())
+    missing_swarm, missing_agent = uuid.uuid4(), uuid.uuid4()
+    with pytest.raises(NotFoundError) as err:
+        await repo.create(missing_swarm, "a")
+    assert (err.value.entity, err.value.key) == ("swarm", missing_swarm)
+    assert str(err.value) == f"swarm {missing_swarm} not found"
+    with pytest.raises(NotFoundError) as err:
+        await repo.create(swarm, "a", agent_id=missing_agent)
+    assert (err.value.entity, err.value.key) == ("agent", missing_agent)
+    assert str(err.value) == f"agent {missing_agent} not found"
+    assert await event_count(db) == 0
+
+
+@pytest.mark.parametrize("size", [10, 200], ids=["insert", "copy"])
+async def test_create_many_names_the_missing_parent(db: Database, repo: EventRepository, size: int) -> None:
+    """A batch that references a missing swarm or agent fails as a whole with NotFoundError naming
+    the first missing parent in input order; nothing of it is written."""
+    swarm = await make_swarm(db)
+    agent = await make_agent(db, swarm)
+    missing_swarm, missing_agent, later = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    items: list[dict[str, Any]] = [
+        {"swarm_id": swarm, "type": f"n{i}", "agent_id": agent} for i in range(size)
+    ]
+    items[size // 2]["swarm_id"] = missing_swarm
+    items[size - 1]["swarm_id"] = later
+    with pytest.raises(NotFoundError) as err:
+        await repo.create_many(items)
+    assert (err.value.entity, err.value.key) == ("swarm", missing_swarm)
+    assert str(err.value) == f"swarm {missing_swarm} not found"
+    items = [{"swarm_id": swarm, "type": f"n{i}"} for i in range(size)]
+    items[size - 2]["agent_id"] = missing_agent
+    with pytest.raises(NotFoundError) as err:
+        await repo.create_many(items)
+    assert (err.value.entity, err.value.key) == ("agent", missing_agent)
     assert await event_count(db) == 0
 
 
@@ -261,7 +290,7 @@ async def test_create_many_is_all_or_nothing_in_the_database(db: Database, repo:
     assert await event_count(db) == 1
     items = [{"swarm_id": swarm, "type": f"n{i}"} for i in range(10)]
     items[7]["swarm_id"] = uuid.uuid4()  # unknown swarm: foreign key
-    with pytest.raises(ConflictError):
+    with pytest.raises(NotFoundError):
         await repo.create_many(items)
     assert await event_count(db) == 1
 

@@ -1,7 +1,7 @@
-"""Hostile input against every public repository method (issue 7, point 4).
+"""Hostile input against every public repository method.
 
 Hypothesis drives each method of SwarmRepository, AgentRepository, EventRepository,
-SessionRepository and BudgetRepository (SPEC §4) with valid, extreme and hostile values: wrong
+SessionRepository and BudgetRepository with valid, extreme and hostile values: wrong
 types, huge and empty strings, NUL bytes, lone surrogates, non-UUID strings, NaN / ±inf / huge /
 negative / too-fine amounts, deeply nested and non-JSON objects, SQL fragments in every string and
 in order_by / order_direction, huge limits and offsets, naive and out-of-range datetimes.
@@ -431,6 +431,7 @@ KINDS: dict[str, st.SearchStrategy[Any]] = {
     "tokens": tokens,
     "opt_tokens": st.none() | tokens,
     "int32": st.integers(0, 2**31 - 1),
+    "retry_count": st.none() | st.integers(0, 3) | st.integers(0, 2**31 - 2),
     "int64": st.integers(0, 2**63 - 1),
     "limit": limit,
     "offset": offset,
@@ -560,7 +561,7 @@ AGENT_METHODS = (
     M("update_lifecycle_state", "id:agent_id", "state:lifecycle"),
     M("pause", "agent_id:agent_id", "paused_by:name"),
     M("resume", "agent_id:agent_id"),
-    M("increment_retry", "id:agent_id"),
+    M("increment_retry", "id:agent_id", "expected:retry_count?"),
     M(
         "get_activity",
         "swarm_id:opt_swarm_id?",

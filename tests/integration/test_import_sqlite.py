@@ -31,6 +31,7 @@ from dash_storage.legacy.report import default_report_path
 from tests.legacy_factory import LegacyManifest, build_legacy_file
 
 TABLES = ("swarms", "budgets", "agents", "events")
+UNREADABLE_TIME = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 @pytest.fixture(scope="module")
@@ -277,9 +278,9 @@ async def test_repaired_values(db: Database, legacy: LegacyManifest) -> None:
     bad_agents = await swarm(legacy.special["swarm_bad_agents"][0])
     assert bad_agents["config"]["legacy_agents"] == {"_legacy_raw": "[agent-1, "}
     assert bad_agents["config"]["model"] in ("kimi-k2.5", "claude-sonnet-4", "gpt-4o-mini")
-    db_now = await db.fetchval("SELECT now()")
     bad_created = await swarm(legacy.special["swarm_bad_created_at"][0])
-    assert abs((bad_created["created_at"] - db_now).total_seconds()) < 600
+    assert bad_created["created_at"] == UNREADABLE_TIME
+    assert bad_created["config"]["legacy_created_at"] == "yesterday"
     # Non-ASCII text survives.
     names = {r["name"] for r in await db.fetch("SELECT name FROM swarms")}
     assert "群れ-1 🐝" in names and "Рой 3" in names
@@ -314,7 +315,8 @@ async def test_repaired_values(db: Database, legacy: LegacyManifest) -> None:
     parent_row = await agent(parent)
     assert child in parent_row["metadata"]["legacy_child_ids"]
     no_spawn = await agent(legacy.special["agent_bad_spawned_at"][0])
-    assert abs((no_spawn["spawned_at"] - db_now).total_seconds()) < 600
+    assert no_spawn["spawned_at"] == UNREADABLE_TIME
+    assert no_spawn["metadata"]["legacy_spawned_at"] == "not a date"
     zero_retries = await db.fetchval("SELECT count(*) FROM agents WHERE max_retries = 0")
     assert zero_retries > 0  # 0 is a valid setting and is kept
 
@@ -333,7 +335,8 @@ async def test_repaired_values(db: Database, legacy: LegacyManifest) -> None:
     list_payload = await event(legacy.special["event_list_payload"][0])
     assert list_payload["payload"]["_legacy_value"][2] == "ペイロード"
     bad_ts = await event(legacy.special["event_bad_timestamp"][0])
-    assert abs((bad_ts["timestamp"] - db_now).total_seconds()) < 600
+    assert bad_ts["timestamp"] == UNREADABLE_TIME
+    assert bad_ts["payload"]["_legacy_timestamp"] == "not-a-date"
     epoch = await event(legacy.special["event_epoch_timestamp"][0])
     assert epoch["timestamp"].year == 2025
     # source.type became entity_type; the source itself is kept in the payload.
@@ -502,7 +505,7 @@ async def test_cli_tables_and_dry_run(db: Database, legacy: LegacyManifest) -> N
 
 async def test_cli_missing_file_and_usage_errors(db: Database, tmp_path: Path) -> None:
     result = await invoke("import-sqlite", str(tmp_path / "nope.db"))
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a PATH that is not there is a usage error
     assert "no such file" in result.output
     result = await invoke("import-sqlite", str(tmp_path / "nope.db"), "--batch-size", "0")
     assert result.exit_code == 2
@@ -520,6 +523,63 @@ def test_report_timestamps_are_iso() -> None:
 
     assert iso(1_738_000_000.5) == "2025-01-27T17:46:40.500Z"
     assert dt.datetime.fromisoformat(iso(0)).tzinfo is not None
+
+
+async def test_unreadable_timestamps_sort_first_and_are_reported(db: Database, tmp_path: Path) -> None:
+    """A legacy time nobody can read becomes 1970-01-01T00:00:00Z (never now(), which would make
+    those rows the newest): findable with one query, the original text kept beside the row, and a
+    repair in the report naming the value used."""
+    path = tmp_path / "dash.db"
+    async with SQLiteStorage(db_path=path) as old:
+        await old.create_swarm(id="s", name="s", status="running", created_at="2025-01-27T00:00:00Z")
+        await old.create_swarm(id="s-bad", name="s-bad", status="running", created_at="last tuesday")
+    con = sqlite3.connect(path)
+    with con:
+        con.execute(
+            "INSERT INTO agents (id, status, model, task, spawned_at, swarm_id)"
+            " VALUES ('a', 'running', 'm', 't', '32/13/2025', 's')"
+        )
+        times = [f"2025-01-27T00:00:0{n}Z" for n in range(3)] + ["soon", "", "NaN"]
+        for i, ts in enumerate(times):
+            con.execute(
+                "INSERT INTO events (id, timestamp, event_type, payload, swarm_id)"
+                " VALUES (?, ?, 't', '{}', 's')",
+                (f"e{i}", ts),
+            )
+    con.close()
+    report = await import_sqlite(db, path)
+    assert report.tables["events"].written == 6 and report.tables["events"].rejected == 0
+
+    def uid(table: str, legacy_id: str) -> uuid.UUID:
+        return legacy_uuid(table, legacy_id)
+
+    swarm_id = uid("swarms", "s")
+    newest = await db.fetch(
+        'SELECT id FROM events WHERE swarm_id = $1 ORDER BY "timestamp" DESC, id DESC LIMIT 3', swarm_id
+    )
+    assert [r["id"] for r in newest] == [uid("events", f"e{i}") for i in (2, 1, 0)]
+    unreadable = await db.fetch(
+        'SELECT id, payload FROM events WHERE "timestamp" = $1 ORDER BY id', UNREADABLE_TIME
+    )
+    assert {r["id"] for r in unreadable} == {uid("events", f"e{i}") for i in (3, 4, 5)}
+    assert sorted(r["payload"]["_legacy_timestamp"] for r in unreadable) == ["", "NaN", "soon"]
+    agent = await db.fetchrow("SELECT spawned_at, metadata FROM agents WHERE id = $1", uid("agents", "a"))
+    assert agent["spawned_at"] == UNREADABLE_TIME and agent["metadata"]["legacy_spawned_at"] == "32/13/2025"
+    bad_swarm = await db.fetchrow(
+        "SELECT created_at, config FROM swarms WHERE id = $1", uid("swarms", "s-bad")
+    )
+    assert bad_swarm["created_at"] == UNREADABLE_TIME
+    assert bad_swarm["config"]["legacy_created_at"] == "last tuesday"
+    repairs = {(r.table, r.legacy_id, r.field): r.action for r in report.repairs}
+    for key in (
+        ("events", "e3", "timestamp"),
+        ("events", "e4", "timestamp"),
+        ("events", "e5", "timestamp"),
+        ("agents", "a", "spawned_at"),
+        ("swarms", "s-bad", "created_at"),
+    ):
+        assert "1970-01-01T00:00:00Z" in repairs[key] and "now()" not in repairs[key], key
+    assert "'soon'" in repairs[("events", "e3", "timestamp")]
 
 
 async def test_values_of_the_wrong_sqlite_type(db: Database, tmp_path: Path) -> None:

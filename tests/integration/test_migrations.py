@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,8 +23,9 @@ import pytest
 
 from dash_storage.config import Settings
 from dash_storage.database import Database
-from dash_storage.errors import MigrationError
+from dash_storage.errors import DatabaseUnavailableError, MigrationError
 from dash_storage.migrations import MigrationRunner, builtin_migrations, create_migration
+from dash_storage.migrations.runner import MigrationRunError
 from tests.conftest import admin_connect, drop_database, recreate_database
 
 SCHEMA_SQL = (files("dash_storage") / "schema.sql").read_text(encoding="utf-8")
@@ -279,6 +281,10 @@ async def test_failing_file_rolls_back_and_keeps_earlier_ones(scratch: Scratch, 
     assert "line 6" in message  # two header lines, the blank header line, then the body's third line
     assert info.value.migration == bad.name
     assert isinstance(info.value.__cause__, asyncpg.PostgresError)
+    # The files applied before the failure stay applied, and the error says which.
+    assert isinstance(info.value, MigrationRunError)
+    assert info.value.applied == (*BUILTIN, "20990101000000_good.sql")
+    assert "20990101000000_good.sql" in message.split("Applied before the failure")[1]
 
     assert await _table_exists(db, "good_one")
     assert not await _table_exists(db, "bad_one"), "the failed file must be rolled back completely"
@@ -304,6 +310,10 @@ async def test_failing_file_via_cli_exits_1_with_file_and_server_message(
     flat = " ".join(err.split())
     assert "20990101000000_broken.sql" in flat
     assert 'relation "nowhere" does not exist' in flat
+    # What was applied before the failure is named, so the state is known without a second look.
+    applied = flat.split("Applied before the failure")[1]
+    assert all(name in applied for name in BUILTIN)
+    assert "20990101000000_broken.sql" not in applied
 
 
 async def test_no_transaction_file_can_create_index_concurrently(scratch: Scratch, tmp_path: Path) -> None:
@@ -317,6 +327,7 @@ async def test_no_transaction_file_can_create_index_concurrently(scratch: Scratc
     with pytest.raises(MigrationError) as info:
         await runner.migrate()
     assert "cannot run inside a transaction block" in str(info.value)
+    assert "add the line -- dash:no-transaction to the file's header" in str(info.value)
     plain.unlink()
 
     marked = _write(
@@ -349,8 +360,9 @@ async def test_status_reports_missing_and_cli_json(scratch: Scratch, tmp_path: P
     assert gone.state == "missing" and gone.path is None and gone.applied_at is not None
 
     env = _env(db)
+    # A missing file needs a person: status prints everything and exits 1, so scripts can gate on it.
     code, out, err = await _dash_db("migrate", "status", "--json", env=env, cwd=tmp_path)
-    assert code == 0, err
+    assert code == 1, err
     data = json.loads(out)
     by_name = {d["name"]: d for d in data}
     assert by_name["20000101000000_gone.sql"]["state"] == "missing"
@@ -358,7 +370,7 @@ async def test_status_reports_missing_and_cli_json(scratch: Scratch, tmp_path: P
     assert dt.datetime.fromisoformat(by_name[BUILTIN[0]]["applied_at"]).tzinfo is not None
 
     code, out, err = await _dash_db("migrate", "status", env=env, cwd=tmp_path)
-    assert code == 0, err
+    assert code == 1, err
     assert "missing" in out and "20000101000000_gone.sql" in out and "applied" in out
 
 
@@ -403,10 +415,12 @@ async def test_cli_create(tmp_path: Path, settings: Settings) -> None:
     assert "Add-Tags" in err and "name" in err
     assert len(list(folder.iterdir())) == 2
 
-    # No folder known.
-    code, _out, err = await _dash_db("migrate", "create", "x", env=env, cwd=tmp_path)
-    assert code != 0
-    assert "DASH_MIGRATIONS_DIR" in " ".join(err.split())
+    # No folder known: a usage error that says what it would write where, and how to choose.
+    code, out, err = await _dash_db("migrate", "create", "x", env=env, cwd=tmp_path)
+    assert code == 2, err
+    flat = " ".join(err.split())
+    assert "YYYYMMDDHHMMSS_x.sql" in flat and "DASH_MIGRATIONS_DIR" in flat and "--dir" in flat
+    assert out == ""
 
     # Never overwrite: occupy every name the command could pick in the next minute.
     start = dt.datetime.now(dt.UTC).replace(microsecond=0)
@@ -454,3 +468,72 @@ async def test_advisory_lock_is_released(scratch: Scratch, settings: Settings) -
         await con.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
     finally:
         await con.close()
+
+
+async def test_status_exit_code_gates_on_modified_but_not_pending(scratch: Scratch, tmp_path: Path) -> None:
+    db = await scratch()
+    env = _env(db, DASH_MIGRATIONS_DIR=str(tmp_path))
+    path = _write(tmp_path, "20990101000000_user_table.sql", "CREATE TABLE user_table (id int);")
+
+    code, out, err = await _dash_db("migrate", "status", env=env, cwd=tmp_path)
+    assert code == 0, err  # pending is the normal state before migrate
+    assert "pending" in out
+
+    code, _out, err = await _dash_db("migrate", env=env, cwd=tmp_path)
+    assert code == 0, err
+    path.write_text(path.read_text() + "-- edited after it was applied\n")
+
+    code, out, _err = await _dash_db("migrate", "status", "--json", env=env, cwd=tmp_path)
+    assert code == 1
+    assert {d["name"]: d["state"] for d in json.loads(out)}[path.name] == "modified"
+    code, out, _err = await _dash_db("migrate", "status", env=env, cwd=tmp_path)
+    assert code == 1
+    assert path.name in out and "modified" in out
+
+
+async def test_files_that_are_not_sql_are_ignored(scratch: Scratch, tmp_path: Path) -> None:
+    db = await scratch()
+    (tmp_path / "README.txt").write_text("Our migrations. Run dash-db migrate.\n")
+    (tmp_path / "notes.md").write_text("# notes\n")
+    (tmp_path / "drafts").mkdir()
+    mine = _write(tmp_path, "20990101000000_mine.sql", "CREATE TABLE mine (id int);")
+    runner = MigrationRunner(db, extra_dir=tmp_path)
+    assert await runner.migrate() == [*BUILTIN, mine.name]
+    assert {e.name for e in await runner.status()} == {*BUILTIN, mine.name}
+    code, _out, err = await _dash_db(
+        "migrate", "status", env=_env(db, DASH_MIGRATIONS_DIR=str(tmp_path)), cwd=tmp_path
+    )
+    assert code == 0, err
+
+
+def _closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again when the block ends: nothing listens there
+
+
+@pytest.mark.parametrize("args", [("migrate",), ("migrate", "status"), ("migrate", "status", "--json")])
+async def test_unreachable_server_is_named(args: tuple[str, ...], tmp_path: Path) -> None:
+    port = _closed_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DASH_MIGRATIONS_DIR")}
+    env.update(POSTGRES_HOST="127.0.0.1", POSTGRES_PORT=str(port), POSTGRES_RETRY_ATTEMPTS="0")
+    code, out, err = await _dash_db(*args, env=env, cwd=tmp_path)
+    assert code == 1
+    assert f"cannot reach PostgreSQL at 127.0.0.1:{port}" in " ".join(err.split())
+    assert out == ""
+
+
+async def test_runner_names_the_server_it_cannot_reach(settings: Settings) -> None:
+    port = _closed_port()
+    db = Database(
+        settings,
+        database_url=None,
+        postgres_host="127.0.0.1",
+        postgres_port=port,
+        postgres_retry_attempts=0,
+        dash_migrations_dir=None,
+    )
+    for call in (MigrationRunner(db).migrate, MigrationRunner(db).status):
+        with pytest.raises(DatabaseUnavailableError) as info:
+            await call()
+        assert f"127.0.0.1:{port}" in str(info.value)

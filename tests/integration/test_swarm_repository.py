@@ -255,7 +255,7 @@ async def test_summary_one_row_per_swarm(db: Database) -> None:
         0,
         0,
         0,
-        0,
+        None,  # no swarm budget: no percentage
     )
 
     summaries = await repo.list_summaries()

@@ -58,7 +58,11 @@ def test_user_folder_joins_in_name_order(tmp_path: Path) -> None:
     (tmp_path / "20000101000000_early.sql").write_text("SELECT 1;\n")
     (tmp_path / "20990101000000_late.sql").write_text("SELECT 1;\n")
     (tmp_path / ".gitkeep").write_text("")
+    (tmp_path / "README.txt").write_text("Our own migrations.\n")  # not SQL: not a migration
+    (tmp_path / "notes.txt").write_text("SELECT 1;\n")
+    (tmp_path / "20990101000001_draft.sql.bak").write_text("SELECT 1;\n")
     names = [f.name for f in discover_migrations(tmp_path)]
+    assert all(n.endswith(".sql") for n in names)
     assert names == sorted(names)
     assert names[0] == "20000101000000_early.sql"
     assert names[-1] == "20990101000000_late.sql"
@@ -67,7 +71,7 @@ def test_user_folder_joins_in_name_order(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "bad",
     [
-        "notes.txt",
+        "add_stuff.sql",
         "2026_short.sql",
         "20990101000000_Upper.sql",
         "20990101000000-x.sql",

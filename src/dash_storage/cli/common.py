@@ -1,4 +1,4 @@
-"""Shared pieces of the dash-db commands: the console, JSON output, running a coroutine."""
+"""Shared pieces of the dash-db commands: the consoles, JSON output, running a coroutine, errors."""
 
 from __future__ import annotations
 
@@ -15,12 +15,24 @@ import orjson
 import typer
 from rich.console import Console
 
-from dash_storage.errors import DashStorageError, scrub
+from dash_storage.errors import scrub
 
 T = TypeVar("T")
 
-console = Console()
-err_console = Console(stderr=True)
+# Width for output that does not go to a terminal (a pipe, a file, a CI log): there is no screen
+# to fit, and fitting 80 columns would cut ids and numbers, so lines are as long as their content.
+UNLIMITED_WIDTH = 100_000
+
+
+def _console(*, stderr: bool) -> Console:
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console.width = UNLIMITED_WIDTH
+    return console
+
+
+console = _console(stderr=False)
+err_console = _console(stderr=True)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -42,10 +54,15 @@ def _default(value: Any) -> Any:
     raise TypeError
 
 
+def json_text(data: Any, *, indent: bool = False) -> str:
+    """``data`` as JSON text (decimals as strings so no precision is lost)."""
+    option = orjson.OPT_NON_STR_KEYS | (orjson.OPT_INDENT_2 if indent else 0)
+    return orjson.dumps(data, default=_default, option=option).decode()
+
+
 def print_json(data: Any) -> None:
-    """Machine-readable output on stdout (decimals as strings so no precision is lost)."""
-    text = orjson.dumps(data, default=_default, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()
-    sys.stdout.write(scrub(text) + "\n")
+    """Machine-readable output on stdout."""
+    sys.stdout.write(scrub(json_text(data, indent=True)) + "\n")
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -53,5 +70,6 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def guard(exc: DashStorageError) -> typer.Exit:
-    return fail(str(exc))
+def usage_error(option: str, message: str) -> typer.BadParameter:
+    """A bad value for ``option``: exit 2, with the option named in the message."""
+    return typer.BadParameter(message, param_hint=option)

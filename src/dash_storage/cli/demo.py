@@ -8,12 +8,21 @@ from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from dash_storage.cli.common import console, print_json, run
+from dash_storage.cli.common import console, print_json, run, usage_error
+from dash_storage.cli.tables import cell, new_table, print_table
 from dash_storage.database import Database
+from dash_storage.errors import ValidationError
 from dash_storage.migrations.runner import MigrationRunner
-from dash_storage.simulation import DemoProgress, DemoResult, run_demo
+from dash_storage.simulation import (
+    MAX_AGENTS,
+    MAX_SECONDS,
+    MIN_SECONDS,
+    DemoProgress,
+    DemoResult,
+    check_demo_options,
+    run_demo,
+)
 
 
 async def _demo(
@@ -66,62 +75,112 @@ def _render_views(result: DemoResult, applied: list[str], where: str) -> None:
         f"{', '.join(result.session_branches)}\n"
     )
     s = result.summary
-    table = Table(title="swarm_summary")
-    for col in ("name", "status", "running", "total agents", "allocated", "consumed", "%"):
-        table.add_column(col)
+    table = new_table(
+        "swarm_summary",
+        [
+            ("name", "text"),
+            ("status", "text"),
+            ("running", "number"),
+            ("total agents", "number"),
+            ("allocated", "number"),
+            ("consumed", "number"),
+            ("%", "number"),
+        ],
+    )
     if s is not None:
         table.add_row(
-            s.name,
-            s.status,
-            str(s.running_agents),
-            str(s.total_agents),
-            str(s.budget_allocated),
-            str(s.budget_consumed),
-            str(s.budget_percentage),
+            *map(
+                cell,
+                (
+                    s.name,
+                    s.status,
+                    s.running_agents,
+                    s.total_agents,
+                    s.budget_allocated,
+                    s.budget_consumed,
+                    s.budget_percentage,
+                ),
+            )
         )
-    console.print(table)
-    table = Table(title="agent_activity (first 15)")
-    for col in ("label", "model", "status", "lifecycle", "duration s", "retries", "runtime ms"):
-        table.add_column(col)
+    print_table(table)
+    table = new_table(
+        "agent_activity (first 15)",
+        [
+            ("label", "text"),
+            ("model", "text"),
+            ("status", "text"),
+            ("lifecycle", "text"),
+            ("duration s", "number"),
+            ("retries", "number"),
+            ("runtime ms", "number"),
+        ],
+    )
     for a in result.activity[:15]:
         table.add_row(
-            a.label or "-",
-            a.model or "-",
-            a.status,
-            a.lifecycle_state,
-            f"{float(a.duration_seconds):.2f}",
-            str(a.retry_count),
-            str(a.runtime),
+            *map(
+                cell,
+                (
+                    a.label,
+                    a.model,
+                    a.status,
+                    a.lifecycle_state,
+                    f"{float(a.duration_seconds):.2f}",
+                    a.retry_count,
+                    a.runtime,
+                ),
+            )
         )
-    console.print(table)
-    table = Table(title="event_stats_24h")
-    for col in ("type", "count", "agents", "swarms", "first", "last"):
-        table.add_column(col)
+    print_table(table)
+    table = new_table(
+        "event_stats_24h",
+        [
+            ("type", "text"),
+            ("count", "number"),
+            ("agents", "number"),
+            ("swarms", "number"),
+            ("first", "id"),
+            ("last", "id"),
+        ],
+    )
     for e in result.event_stats:
         table.add_row(
-            e.event_type,
-            str(e.event_count),
-            str(e.unique_agents),
-            str(e.unique_swarms),
-            e.first_event.strftime("%H:%M:%S.%f")[:-3],
-            e.last_event.strftime("%H:%M:%S.%f")[:-3],
+            *map(
+                cell,
+                (
+                    e.event_type,
+                    e.event_count,
+                    e.unique_agents,
+                    e.unique_swarms,
+                    e.first_event.strftime("%H:%M:%S.%f")[:-3],
+                    e.last_event.strftime("%H:%M:%S.%f")[:-3],
+                ),
+            )
         )
-    console.print(table)
+    print_table(table)
+
+
+_OPTION_OF = {"agents": "--agents", "seconds": "--seconds", "allocated": "--budget"}
 
 
 def demo(
-    agents: Annotated[int, typer.Option(min=1, max=1000, help="How many agents to simulate.")] = 50,
-    seconds: Annotated[float, typer.Option(min=0.5, max=600, help="How long the agents work.")] = 4.0,
-    budget: Annotated[str, typer.Option(help="The swarm budget in USD (runs out during the demo).")] = "2.50",
+    agents: Annotated[int, typer.Option(min=1, max=MAX_AGENTS, help="How many agents to simulate.")] = 50,
+    seconds: Annotated[
+        float, typer.Option(min=MIN_SECONDS, max=MAX_SECONDS, help="How long the agents work.")
+    ] = 4.0,
+    budget: Annotated[
+        str,
+        typer.Option(metavar="USD", help="The swarm budget in USD, above 0 (runs out during the demo)."),
+    ] = "2.50",
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the result as JSON, no progress bars.")
     ] = False,
 ) -> None:
     """Migrate, simulate a swarm of agents (events, budget, pauses, a session tree), show the views."""
+    # Every option is checked before the first write and before the progress bars start.
     try:
-        allocated = Decimal(budget)
-    except ArithmeticError:
-        raise typer.BadParameter(f"not a number: {budget!r}", param_hint="--budget") from None
+        agents, seconds, allocated = check_demo_options(agents, seconds, budget)
+    except ValidationError as exc:
+        raise usage_error(_OPTION_OF.get(exc.field, exc.field), exc.problem) from None
     result, applied, where = run(_demo(agents, seconds, allocated, quiet=json_out))
     if json_out:
         data: dict[str, Any] = asdict(result)

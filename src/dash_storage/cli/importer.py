@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from dash_storage.cli.common import console, err_console, fail, print_json, run
+from dash_storage.cli.tables import print_table
 from dash_storage.config import load_settings
 from dash_storage.database import Database
 from dash_storage.errors import DashStorageError
@@ -70,8 +71,9 @@ def import_sqlite(
     Ids become deterministic UUIDs, so running it again changes nothing. Unknown statuses are
     mapped and counted; rows that cannot be imported are listed in the report file with a reason.
     """
-    if not path.is_file():
-        raise fail(f"no such file: {escape(str(path))}")
+    problem = _not_a_file(path)
+    if problem:
+        raise fail(f"invalid PATH: {escape(str(path))} {problem}", code=2)
     try:
         if json_out:
             result = run(_run(path, dry_run=dry_run, batch_size=batch_size, report=report, progress=None))
@@ -83,6 +85,17 @@ def import_sqlite(
         print_json(result.to_dict())
         return
     _print_report(result)
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why ``path`` cannot be the legacy SQLite file, or None when it is a file."""
+    if path.is_dir():
+        return "is a directory; give the SQLite file in it (usually dash.db)"
+    if not path.exists():
+        return "does not exist (no such file)"
+    if not path.is_file():
+        return "is not a regular file"
+    return None
 
 
 def _with_progress(path: Path, *, dry_run: bool, batch_size: int, report: Path | None) -> ImportReport:
@@ -109,7 +122,7 @@ def _print_report(result: ImportReport) -> None:
     table = Table(title=title, show_header=True)
     table.add_column("table")
     for name in ("read", "written", "already present", "repaired", "rejected"):
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", no_wrap=True, overflow="fold")
     for name, counts in result.tables.items():
         table.add_row(
             name,
@@ -119,29 +132,29 @@ def _print_report(result: ImportReport) -> None:
             f"[yellow]{counts.repaired}[/]" if counts.repaired else "0",
             f"[red]{counts.rejected}[/]" if counts.rejected else "0",
         )
-    console.print(table)
+    print_table(table)
 
     if result.status_mappings:
         mappings = Table(title="status mappings (legacy → new)", show_header=True)
         mappings.add_column("table")
         mappings.add_column("mapping")
-        mappings.add_column("rows", justify="right")
+        mappings.add_column("rows", justify="right", no_wrap=True, overflow="fold")
         for name, entries in result.status_mappings.items():
             for key, count in entries.items():
                 old, _, new = key.partition("→")
                 style = "" if old.strip().lower() == new else "yellow"
                 mappings.add_row(name, f"[{style}]{escape(key)}[/]" if style else escape(key), str(count))
-        console.print(mappings)
+        print_table(mappings)
 
     total_rejects = sum(c.rejected for c in result.tables.values())
     if total_rejects:
         rejects = Table(title=f"rejected rows (first {min(SHOWN_REJECTS, total_rejects)} of {total_rejects})")
         rejects.add_column("table")
-        rejects.add_column("legacy id", overflow="fold")
+        rejects.add_column("legacy id", no_wrap=True, overflow="fold")
         rejects.add_column("reason", overflow="fold")
         for r in result.rejects[:SHOWN_REJECTS]:
             rejects.add_row(r.table, escape(r.legacy_id or "(none)"), escape(r.reason))
-        console.print(rejects)
+        print_table(rejects)
     rate = f", {result.events_per_second:,.0f} events/s" if result.tables["events"].read else ""
     console.print(f"Done in {result.elapsed_seconds:.1f} s{rate}.", highlight=False)
     if result.report_path:

@@ -2,30 +2,62 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import sys
+from typing import Annotated
 
 import typer
 
 from dash_storage.cli import demo, importer, migrate, server, views
 from dash_storage.cli.common import fail
+from dash_storage.cli.help import DashCommand, DashGroup
 from dash_storage.errors import DashStorageError
 
 app = typer.Typer(
     name="dash-db",
     help="Manage the Dash PostgreSQL store: start/stop the database, migrate, import, inspect.",
+    cls=DashGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
-app.command("up")(server.up)
-app.command("down")(server.down)
-app.command("doctor")(server.doctor)
+app.command("up", cls=DashCommand)(server.up)
+app.command("down", cls=DashCommand)(server.down)
+app.command("doctor", cls=DashCommand)(server.doctor)
 app.add_typer(migrate.app, name="migrate")
-app.command("import-sqlite")(importer.import_sqlite)
-app.command("demo")(demo.demo)
+app.command("import-sqlite", cls=DashCommand)(importer.import_sqlite)
+app.command("demo", cls=DashCommand)(demo.demo)
 views.register(app)
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("dash-storage")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree, not installed
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"dash-db (dash-storage) {package_version()}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=_print_version,
+            help="Print the version of dash-storage and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Manage the Dash PostgreSQL store: start/stop the database, migrate, import, inspect."""
 
 
 def _log_to_stderr() -> None:

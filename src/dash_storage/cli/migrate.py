@@ -8,15 +8,19 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.table import Table
+from rich.text import Text
 
 from dash_storage.cli.common import console, fail, print_json, run
+from dash_storage.cli.help import DashCommand, DashGroup
+from dash_storage.cli.tables import new_table, print_table
 from dash_storage.config import load_settings
 from dash_storage.database import Database
 from dash_storage.errors import DashStorageError, ValidationError
 from dash_storage.migrations import MigrationRunner, MigrationStatus, create_migration
+from dash_storage.migrations.runner import check_migration_name
 
 app = typer.Typer(
+    cls=DashGroup,
     help="Apply pending migrations (no sub-command), show their state (status), or create one.",
     no_args_is_help=False,
     add_completion=False,
@@ -66,33 +70,47 @@ def migrate(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         console.print(f"  [green]✓[/] {name}", highlight=False)
 
 
-@app.command("status")
+# States that need a person: migrate status exits 1 when any migration is in one of them.
+_PROBLEMS = ("modified", "missing")
+
+
+@app.command("status", cls=DashCommand)
 def status(json_out: JsonOpt = False) -> None:
-    """List every migration: applied (with time), pending, modified or missing."""
+    """List every migration: applied (with time), pending, modified or missing.
+
+    Exits 0 when every file is applied or pending, 1 when one is modified or missing.
+    """
     try:
         entries = run(_status())
     except DashStorageError as exc:
         raise fail(escape(str(exc))) from None
-    if json_out:
-        print_json([_as_json(e) for e in entries])
-        return
-    table = Table(title="migrations", show_header=True)
-    table.add_column("name", overflow="fold")
-    table.add_column("state")
-    table.add_column("applied_at")
-    for e in entries:
-        style = _STATE_STYLE.get(e.state, "")
-        applied_at = e.applied_at.isoformat(timespec="seconds") if e.applied_at else "-"
-        table.add_row(escape(e.name), f"[{style}]{e.state}[/]", applied_at)
-    console.print(table)
     counts: dict[str, int] = {}
     for e in entries:
         counts[e.state] = counts.get(e.state, 0) + 1
+    if json_out:
+        print_json([_as_json(e) for e in entries])
+    else:
+        _print_status(entries, counts)
+    if any(counts.get(state) for state in _PROBLEMS):
+        raise typer.Exit(1)
+
+
+def _print_status(entries: list[MigrationStatus], counts: dict[str, int]) -> None:
+    table = new_table("migrations", [("name", "id"), ("state", "text"), ("applied_at", "id")])
+    for e in entries:
+        applied_at = e.applied_at.isoformat(timespec="seconds") if e.applied_at else "-"
+        table.add_row(Text(e.name), Text(e.state, style=_STATE_STYLE.get(e.state, "")), Text(applied_at))
+    print_table(table)
     console.print(", ".join(f"{n} {state}" for state, n in counts.items()) or "no migrations")
     if counts.get("modified"):
         console.print(
             "[bold red]migrate refuses to run while a file is modified[/] "
             "(restore it, or put the change in a new migration)."
+        )
+    if counts.get("missing"):
+        console.print(
+            "[magenta]a missing migration was applied but its file is gone[/] "
+            "(restore the file, or check DASH_MIGRATIONS_DIR)."
         )
 
 
@@ -103,13 +121,14 @@ def _as_json(entry: MigrationStatus) -> dict[str, Any]:
     return data
 
 
-@app.command("create")
+@app.command("create", cls=DashCommand)
 def create(
     name: Annotated[str, typer.Argument(help="What the migration does, in [a-z0-9_]+ (e.g. add_tags).")],
     directory: Annotated[
         Path | None,
         typer.Option(
             "--dir",
+            metavar="FOLDER",
             help="Folder to write into (default: DASH_MIGRATIONS_DIR).",
             file_okay=False,
             dir_okay=True,
@@ -120,6 +139,9 @@ def create(
     """Write a new timestamped migration file with the standard header (never overwrites)."""
     try:
         folder = directory if directory is not None else load_settings().dash_migrations_dir
+        if folder is None:
+            check_migration_name(name)  # a bad name is reported first, as with a folder
+            raise fail(_no_folder(name), code=2)
         path = create_migration(name, folder)
     except ValidationError as exc:
         raise fail(escape(str(exc)), code=2) from None
@@ -129,3 +151,12 @@ def create(
         print_json({"path": str(path)})
     else:
         console.print(f"Created [bold]{escape(str(path))}[/]", highlight=False)
+
+
+def _no_folder(name: str) -> str:
+    return escape(
+        f"no folder to write the new migration into: it would be YYYYMMDDHHMMSS_{name}.sql in "
+        "DASH_MIGRATIONS_DIR, which is not set (the built-in migrations live inside the installed "
+        "package and are not for your own). Choose the folder with --dir FOLDER, or set "
+        "DASH_MIGRATIONS_DIR (environment or .env), the folder migrate reads your migrations from"
+    )

@@ -8,10 +8,10 @@ from dataclasses import asdict
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from dash_storage import embedded
 from dash_storage.cli.common import console, fail, print_json, run
+from dash_storage.cli.tables import cell, new_table, print_table
 from dash_storage.config import Settings, load_settings
 from dash_storage.database import Database
 from dash_storage.errors import DashStorageError
@@ -130,12 +130,10 @@ def doctor(json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(report)
     else:
-        table = Table(title="configuration", show_header=True)
-        table.add_column("variable")
-        table.add_column("value")
+        table = new_table("configuration", [("variable", "id"), ("value", "text")])
         for key, value in report["settings"].items():
-            table.add_row(key, value)
-        console.print(table)
+            table.add_row(cell(key), cell(value))
+        print_table(table)
         console.print(f"target: [bold]{report['target']}[/]")
         if "embedded" in report:
             console.print(

@@ -4,6 +4,11 @@ Each converter takes rows as the reader returns them (rowid first, then the colu
 :data:`~dash_storage.legacy.reader.LEGACY_COLUMNS`), maps ids and statuses, repairs what can be
 repaired and rejects what cannot, all recorded on the :class:`~dash_storage.legacy.report.Batch`.
 References are resolved against ``swarms`` / ``agents``: legacy id → uuid (None: known missing).
+
+A required time that cannot be read (a swarm's ``created_at``, an agent's ``spawned_at``, an
+event's ``timestamp``) becomes :data:`~dash_storage.legacy.values.UNREADABLE_TIME` (1970-01-01Z),
+and its original text is kept in the row: ``config["legacy_created_at"]``,
+``metadata["legacy_spawned_at"]``, ``payload["_legacy_timestamp"]``.
 """
 
 from __future__ import annotations
@@ -38,11 +43,13 @@ from dash_storage.legacy.values import (
     optional_time,
     parse_time,
     raw,
+    required_time,
     show,
     strip_nul,
     text_value,
     to_int,
     to_money,
+    unreadable_time,
 )
 from dash_storage.models import EntityType, Severity
 
@@ -99,12 +106,12 @@ def convert_swarms(rows: list[tuple[Any, ...]], lossy: set[int]) -> Batch:
             cfg["legacy_agents"] = json_value(agents, "agents", fix)
         if metrics is not None:
             cfg["legacy_metrics"] = json_value(metrics, "metrics", fix)
+        created, readable = required_time(created_at, "created_at", fix)
+        if not readable and created_at is not None:
+            cfg["legacy_created_at"] = raw(created_at)
         cfg_text, nul = dumps(cfg)
         if nul:
             fix.add("config", "NUL characters removed")
-        created = parse_time(created_at)
-        if created is None:
-            fix.add("created_at", f"unreadable timestamp {show(created_at)}; set to now()")
         completed = None
         if completed_at is not None and completed_at != "":
             completed = parse_time(completed_at)
@@ -204,12 +211,12 @@ def convert_agents(rows: list[tuple[Any, ...]], swarms: Mapping[str, SwarmRef], 
             children = json_value(child_ids, "child_ids", fix)
             if children != []:
                 meta["legacy_child_ids"] = children
+        spawned, readable = required_time(spawned_at, "spawned_at", fix)
+        if not readable and spawned_at is not None:
+            meta["legacy_spawned_at"] = raw(spawned_at)
         meta_text, nul = dumps(meta)
         if nul:
             fix.add("metadata", "NUL characters removed")
-        spawned = parse_time(spawned_at)
-        if spawned is None:
-            fix.add("spawned_at", f"unreadable timestamp {show(spawned_at)}; set to now()")
         runtime_value, note = to_int(runtime, 0, BIGINT_MAX)
         if note:
             fix.add("runtime", note)
@@ -345,6 +352,21 @@ def convert_events(
             body["_legacy_source"] = src
         if missing_agent is not None:
             body["_legacy_agent_id"] = missing_agent
+        # timestamp
+        when: dt.datetime
+        try:
+            when = parse_iso(ts)
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=utc)
+        except (TypeError, ValueError):
+            parsed = parse_time(ts)  # epoch seconds / milliseconds
+            if parsed is not None:
+                when = parsed
+            else:
+                fix = fix or RowRepairs(batch, "events", lid)
+                when = unreadable_time(ts, "timestamp", fix)
+                if ts is not None:
+                    body["_legacy_timestamp"] = raw(ts)
         severity = "info"
         level = body.get("severity") or body.get("level")
         if level.__class__ is str:
@@ -364,17 +386,6 @@ def convert_events(
             event_type = event_type.replace("\x00", "")
             fix = fix or RowRepairs(batch, "events", lid)
             fix.add("event_type", "NUL characters removed")
-        # timestamp
-        when: dt.datetime | None
-        try:
-            when = parse_iso(ts)
-            if when.tzinfo is None:
-                when = when.replace(tzinfo=utc)
-        except (TypeError, ValueError):
-            when = parse_time(ts)
-            if when is None:
-                fix = fix or RowRepairs(batch, "events", lid)
-                fix.add("timestamp", f"unreadable timestamp {show(ts)}; set to now()")
         event_uuid = legacy_uuid("events", lid)
         records.append(
             (event_uuid, swarm_uuid, agent_uuid, event_type, body_text, when, entity_type, severity)

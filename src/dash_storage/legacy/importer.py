@@ -41,8 +41,10 @@ Mapping rules (the report counts every one of them):
   whose swarm is missing (or that has neither) is rejected.
 * JSON that does not parse is kept as ``{"_legacy_raw": "<text>"}``; valid JSON that must be an
   object but is not is kept as ``{"_legacy_value": <value>}``. Timestamps are read as ISO-8601
-  (no offset = UTC) or epoch seconds/milliseconds; unparsable ones become NULL, or now() where the
-  column is NOT NULL. NUL characters (PostgreSQL text cannot hold them) are removed; text that is
+  (no offset = UTC) or epoch seconds/milliseconds; unparsable ones become NULL, or
+  1970-01-01T00:00:00Z where the column is NOT NULL (so they sort first, never as the newest), with
+  the original text kept beside the row and a repair in the report. NUL characters (PostgreSQL text
+  cannot hold them) are removed; text that is
   not valid UTF-8 is read with U+FFFD in place of the bad bytes. Rows without an id are rejected.
 * statuses: see :data:`SWARM_STATUS_MAP` and :data:`AGENT_STATUS_MAP`; values in neither map go to
   the conservative defaults (swarms ``paused``, agents ``blocked``): not running, not final, so a

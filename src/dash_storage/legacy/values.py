@@ -7,6 +7,11 @@ has to change, record a repair on the row (:class:`~dash_storage.legacy.report.R
   object but is not is kept as ``{"_legacy_value": <value>}``; NUL characters are removed (jsonb
   cannot hold them).
 * Timestamps are ISO-8601 (no offset = UTC) or epoch seconds/milliseconds; None if unreadable.
+  A column that may be NULL becomes NULL; one that may not (a swarm's ``created_at``, an agent's
+  ``spawned_at``, an event's ``timestamp``) gets :data:`UNREADABLE_TIME`, 1970-01-01T00:00:00Z,
+  never the import's now(): now() would make those rows the newest of all, while the epoch sorts
+  them first, and one query (``WHERE "timestamp" = '1970-01-01Z'``) finds them. The text that could
+  not be read is kept beside the row (see ``legacy.convert``) and the repair names the value used.
 * Money (REAL) becomes ``Decimal(str(x))`` with at most 10 decimal places; negative → 0.
 """
 
@@ -24,6 +29,8 @@ from dash_storage.legacy.report import RowRepairs
 __all__ = [
     "BIGINT_MAX",
     "INT_MAX",
+    "UNREADABLE_TIME",
+    "UNREADABLE_TIME_ACTION",
     "dumps",
     "id_label",
     "id_problem",
@@ -34,17 +41,24 @@ __all__ = [
     "optional_time",
     "parse_time",
     "raw",
+    "required_time",
     "show",
     "strip_nul",
     "text_value",
     "to_int",
     "to_money",
+    "unreadable_time",
 ]
 
 _MONEY_QUANTUM: Final = Decimal(1).scaleb(-10)
 _MONEY_MAX: Final = Decimal("1e14")
 INT_MAX: Final = 2**31 - 1
 BIGINT_MAX: Final = 2**63 - 1
+#: What a legacy timestamp nobody can read becomes in a NOT NULL column: the Unix epoch, so that
+#: such rows sort first (not as the newest, as now() would) and are found with one equality test.
+UNREADABLE_TIME: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+#: The repair recorded for such a timestamp (after the unreadable value).
+UNREADABLE_TIME_ACTION: Final = "set to 1970-01-01T00:00:00Z (the fallback for unreadable times)"
 
 
 # -- pure helpers -----------------------------------------------------------------------------------
@@ -239,6 +253,22 @@ def json_column(value: Any, field: str, fix: RowRepairs) -> str | None:
     if nul:
         fix.add(field, "NUL characters removed")
     return text
+
+
+def unreadable_time(value: Any, field: str, fix: RowRepairs) -> dt.datetime:
+    """:data:`UNREADABLE_TIME` for a NOT NULL timestamp ``value`` that cannot be read; the repair
+    (naming the value and the time used) is recorded."""
+    fix.add(field, f"unreadable timestamp {show(value)}; {UNREADABLE_TIME_ACTION}")
+    return UNREADABLE_TIME
+
+
+def required_time(value: Any, field: str, fix: RowRepairs) -> tuple[dt.datetime, bool]:
+    """A NOT NULL timestamp column: (the time, True), or (:data:`UNREADABLE_TIME`, False) for a value
+    that cannot be read, which is recorded as a repair."""
+    parsed = parse_time(value)
+    if parsed is None:
+        return unreadable_time(value, field, fix), False
+    return parsed, True
 
 
 def optional_time(value: Any, field: str, fix: RowRepairs) -> dt.datetime | None:

@@ -33,6 +33,7 @@ from asyncpg.pool import PoolConnectionProxy
 from dash_storage.database import Database
 from dash_storage.errors import (
     DashStorageError,
+    DatabaseUnavailableError,
     MigrationError,
     ValidationError,
     is_driver_error,
@@ -45,10 +46,12 @@ __all__ = [
     "NAME_PATTERN",
     "NO_TRANSACTION_MARKER",
     "MigrationFile",
+    "MigrationRunError",
     "MigrationRunner",
     "MigrationState",
     "MigrationStatus",
     "builtin_migrations",
+    "check_migration_name",
     "create_migration",
     "discover_migrations",
     "folder_migrations",
@@ -79,9 +82,26 @@ CREATE TABLE _migrations (
     checksum   TEXT        NOT NULL
 )
 """
+# SQLSTATE 25001 active_sql_transaction: e.g. CREATE INDEX CONCURRENTLY inside a transaction block.
+_ACTIVE_SQL_TRANSACTION = "25001"
 _TABLE_EXISTS = "SELECT to_regclass('_migrations') IS NOT NULL"
 _READ_APPLIED = "SELECT name, applied_at, checksum FROM _migrations ORDER BY name"
 _RECORD = "INSERT INTO _migrations (name, checksum) VALUES ($1, $2)"
+
+
+class MigrationRunError(MigrationError):
+    """``migrate`` failed after it had applied some files; ``applied`` names them (they stay).
+
+    ``error`` is the failure itself; ``migration`` is the file that failed, when one did.
+    """
+
+    def __init__(self, error: DashStorageError, applied: list[str]) -> None:
+        super().__init__(
+            f"{error}. Applied before the failure (these stay applied): {', '.join(applied)}",
+            migration=getattr(error, "migration", None),
+        )
+        self.error = error
+        self.applied = tuple(applied)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +162,9 @@ class MigrationFile:
 
 
 def _ignored(name: str) -> bool:
-    # Hidden files (.gitkeep, editor swap files) are not migrations and not errors.
-    return name.startswith(".")
+    # Hidden files (.gitkeep, editor swap files) and anything that is not SQL (a README.txt, notes)
+    # are not migrations and not errors. A .sql file with a bad name is an error: it is meant to run.
+    return name.startswith(".") or not name.lower().endswith(".sql")
 
 
 def _check_name(name: str, where: str) -> None:
@@ -307,18 +328,24 @@ def _has_code(chunk: str) -> bool:
 # -- creating a file --------------------------------------------------------------------------
 
 
-def create_migration(name: str, directory: Path | None, *, now: dt.datetime | None = None) -> Path:
-    """Write ``<UTC YYYYMMDDHHMMSS>_<name>.sql`` with the standard header into ``directory``.
-
-    Refuses a name outside ``[a-z0-9_]+`` (ValidationError on ``name``), a missing folder
-    (ValidationError on ``directory``) and an existing file (MigrationError): never overwrites.
-    """
+def check_migration_name(name: object) -> str:
+    """``name`` if it can name a migration (``[a-z0-9_]+``, at most 100 characters), else ValidationError."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise ValidationError(
             "name", f"{name!r} must be lowercase letters, digits and underscores ([a-z0-9_]+)"
         )
     if len(name) > _MAX_NAME_LENGTH:
         raise ValidationError("name", f"at most {_MAX_NAME_LENGTH} characters")
+    return name
+
+
+def create_migration(name: str, directory: Path | None, *, now: dt.datetime | None = None) -> Path:
+    """Write ``<UTC YYYYMMDDHHMMSS>_<name>.sql`` with the standard header into ``directory``.
+
+    Refuses a name outside ``[a-z0-9_]+`` (ValidationError on ``name``), a missing folder
+    (ValidationError on ``directory``) and an existing file (MigrationError): never overwrites.
+    """
+    check_migration_name(name)
     if directory is None:
         raise ValidationError(
             "directory", "no folder for the new migration: pass one (--dir) or set DASH_MIGRATIONS_DIR"
@@ -366,13 +393,15 @@ class MigrationRunner:
         Works on a database that has never been migrated (everything is pending).
         """
         files = self.files()
+        con = await self._connect()
         try:
-            async with self.db.acquire() as con:
-                applied = await _read_applied(con)
+            applied = await _read_applied(con)
         except Exception as exc:
             if isinstance(exc, DashStorageError) or not is_driver_error(exc):
                 raise
             raise map_error(exc, context="reading migration state") from exc
+        finally:
+            await _close(con)
         return _combine(files, applied)
 
     async def migrate(self) -> list[str]:
@@ -383,25 +412,43 @@ class MigrationRunner:
         file) and reported with the server's message; files before it stay applied.
         """
         files = self.files()  # bad file names fail before we touch the database
-        con = await self.db.connect()
+        con = await self._connect()
+        done: list[str] = []
         try:
             await con.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_KEY)
             try:
-                return await self._migrate_locked(con, files)
+                await self._migrate_locked(con, files, done)
             finally:
                 await _unlock(con)
         except Exception as exc:
-            if isinstance(exc, DashStorageError) or not is_driver_error(exc):
+            error = map_error(exc, context="migrate") if is_driver_error(exc) else exc
+            if not isinstance(error, DashStorageError):
                 raise
-            raise map_error(exc, context="migrate") from exc
+            cause = exc.__cause__ if error is exc else exc
+            if done:  # the files before the failure stay applied: say which
+                raise MigrationRunError(error, done) from cause
+            raise error from cause
         finally:
             await _close(con)
+        return done
+
+    async def _connect(self) -> DirectConnection:
+        """A dedicated connection; failing, the error names the server that was tried."""
+        try:
+            return await self.db.connect()
+        except DashStorageError as exc:
+            named = _connect_error(self.db, exc)
+            if named is exc:
+                raise
+            raise named from exc.__cause__
 
     async def create(self, name: str, directory: Path | None = None) -> Path:
         """Write a new, empty migration file into ``directory`` (default: the user folder)."""
         return create_migration(name, directory if directory is not None else self.extra_dir)
 
-    async def _migrate_locked(self, con: DirectConnection, files: list[MigrationFile]) -> list[str]:
+    async def _migrate_locked(
+        self, con: DirectConnection, files: list[MigrationFile], done: list[str]
+    ) -> None:
         if not await con.fetchval(_TABLE_EXISTS):
             await con.execute(_CREATE_TABLE)
         statuses = _combine(files, await _read_applied(con))
@@ -414,14 +461,20 @@ class MigrationRunner:
                 migration=modified[0],
             )
         pending = {s.name for s in statuses if s.state == "pending"}
-        done: list[str] = []
         for file in files:
             if file.name not in pending:
                 continue
             await _apply(con, file)
             log.info("applied migration %s", file.name)
             done.append(file.name)
-        return done
+
+
+def _connect_error(db: Database, exc: DashStorageError) -> DashStorageError:
+    """A failed connect, said with the server that was tried (as the pooled connects say it)."""
+    target = db.describe_target()
+    if isinstance(exc, DatabaseUnavailableError) and target not in str(exc):
+        return DatabaseUnavailableError(f"cannot reach PostgreSQL at {target}: {exc}")
+    return exc
 
 
 async def _read_applied(con: AnyConnection) -> dict[str, asyncpg.Record]:
@@ -492,6 +545,11 @@ def _failure(file: MigrationFile, exc: Exception, text: str, offset: int, note: 
         where = getattr(exc, "context", None)
         if where:
             message += f" [context: {where}]"
+        if exc.sqlstate == _ACTIVE_SQL_TRANSACTION and not file.no_transaction:
+            message += (
+                f". This statement cannot run inside a transaction: add the line {NO_TRANSACTION_MARKER} "
+                "to the file's header (the comment lines at its top) so it runs statement by statement"
+            )
     else:
         message = str(map_error(exc)) if is_driver_error(exc) else f"{type(exc).__name__}: {exc}"
     return MigrationError(f"migration {file.name} failed: {message}; {note}", migration=file.name)

@@ -10,13 +10,21 @@ Status transitions (``AGENT_STATUS_TRANSITIONS``, current -> allowed new statuse
 ================================  ===========================================================
 current status                    may change to (``update_status``)
 ================================  ===========================================================
-pending, running, paused, blocked any status
+pending, running, blocked         any status but paused
+paused                            completed, failed, killed (stopping a paused agent)
 completed                         completed (no-op)
 failed                            failed (no-op), pending (a retry of the agent)
 killed                            killed (no-op)
 ================================  ===========================================================
 
-``pause`` is allowed from pending / running / blocked only; ``resume`` from paused only.
+Pausing and resuming have their own methods, because they keep more than the status: ``pause``
+(from pending / running / blocked) sets status and lifecycle_state to paused and records
+``pause_time`` (database clock) and ``paused_by``; ``resume`` (from paused only) sets status and
+lifecycle_state to running and clears both marks. ``update_status`` refuses "paused" (a
+ValidationError naming ``status``: it cannot say who paused) and refuses to take a paused agent back
+to pending / running / blocked (an InvalidTransitionError naming ``resume()``), so that
+``pause_time`` / ``paused_by`` are set exactly while an agent is paused: stopping a paused agent
+(completed / failed / killed) clears them, and ``create(status="paused")`` stamps ``pause_time``.
 Lifecycle states: destroyed is final (only destroyed -> destroyed); every other change is allowed.
 Setting the state a row already has always succeeds (it rewrites nothing but ``updated_at`` and,
 if given, ``last_error``), which also makes a retried status change safe.
@@ -25,6 +33,13 @@ if given, ``last_error``), which also makes a retried status change safe.
 completed / failed / killed, cleared when it becomes anything else (failed -> pending re-runs it).
 ``resume`` does not touch ``runtime``: the paused time is not run time, and ``runtime`` is owned by
 the caller (``update(runtime=...)``).
+
+``increment_retry(id)`` adds one, relative to whatever is stored: it is never retried on a lost
+connection, since it could apply twice. ``increment_retry(id, expected=n)`` is a compare-and-set
+(n -> n + 1, ConflictError if the count is no longer n) and is retried: it runs in a transaction
+whose id it learns before COMMIT, so that a retry after a lost COMMIT answer asks the server whether
+that transaction committed (``pg_xact_status``) instead of guessing from the count, which another
+caller may have moved.
 """
 
 from __future__ import annotations
@@ -68,12 +83,13 @@ AGENT_STATUSES = frozenset(s.value for s in AgentStatus)
 LIFECYCLE_STATES = frozenset(s.value for s in LifecycleState)
 #: Statuses that stamp ``completed_at``.
 FINAL_AGENT_STATUSES = frozenset({"completed", "failed", "killed"})
-#: ``update_status``: current status -> the statuses it may change to.
+#: ``update_status``: current status -> the statuses it may change to. Never "paused" (that is
+#: ``pause``), and from paused only the final statuses (going on is ``resume``).
 AGENT_STATUS_TRANSITIONS: dict[str, frozenset[str]] = {
-    "pending": AGENT_STATUSES,
-    "running": AGENT_STATUSES,
-    "paused": AGENT_STATUSES,
-    "blocked": AGENT_STATUSES,
+    "pending": AGENT_STATUSES - {"paused"},
+    "running": AGENT_STATUSES - {"paused"},
+    "paused": FINAL_AGENT_STATUSES,
+    "blocked": AGENT_STATUSES - {"paused"},
     "completed": frozenset({"completed"}),
     "failed": frozenset({"failed", "pending"}),
     "killed": frozenset({"killed"}),
@@ -110,12 +126,14 @@ _FINAL = sorted(FINAL_AGENT_STATUSES)
 _PAUSABLE = sorted(PAUSABLE_STATUSES)
 _RESUMABLE = sorted(RESUMABLE_STATUSES)
 
-# Idempotent create; a final initial status stamps completed_at. FK violation = missing swarm.
+# Idempotent create; a final initial status stamps completed_at, a paused one pause_time. FK
+# violation = missing swarm.
 INSERT_AGENT = f"""
 INSERT INTO agents (id, swarm_id, label, status, lifecycle_state, model, task, config, context, code,
-                    reasoning, safety_boundaries, max_retries, budget_limit, metadata, completed_at)
+                    reasoning, safety_boundaries, max_retries, budget_limit, metadata, completed_at,
+                    pause_time)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-        CASE WHEN $4 = ANY($16::text[]) THEN now() END)
+        CASE WHEN $4 = ANY($16::text[]) THEN now() END, CASE WHEN $4 = 'paused' THEN now() END)
 ON CONFLICT (id) DO NOTHING
 RETURNING {AGENT_COLUMNS}
 """  # noqa: S608
@@ -142,7 +160,8 @@ UPDATE_AGENT_TEMPLATE = f"""
 UPDATE agents SET {{assignments}} WHERE id = $1 RETURNING {AGENT_COLUMNS}
 """  # noqa: S608
 # Guarded status change: $4 = allowed current statuses, $5 = whether to set last_error to $6.
-# The CTE locks and reads the row, so one round trip tells "missing" from "not allowed".
+# The CTE locks and reads the row, so one round trip tells "missing" from "not allowed". The
+# target is never paused, so the pause marks go (they belong to a pause that is over).
 UPDATE_AGENT_STATUS = f"""
 WITH cur AS (
     SELECT id AS cur_id, status AS cur_state FROM agents WHERE id = $1 FOR UPDATE
@@ -150,7 +169,9 @@ WITH cur AS (
     UPDATE agents SET
         status = $2,
         completed_at = CASE WHEN $2 = ANY($3::text[]) THEN COALESCE(completed_at, now()) ELSE NULL END,
-        last_error = CASE WHEN $5::boolean THEN $6::text ELSE last_error END
+        last_error = CASE WHEN $5::boolean THEN $6::text ELSE last_error END,
+        pause_time = NULL,
+        paused_by = NULL
     FROM cur
     WHERE id = cur_id AND status = ANY($4::text[])
     RETURNING {AGENT_COLUMNS}
@@ -197,6 +218,26 @@ SELECT cur_state, upd.* FROM cur LEFT JOIN upd ON true
 INCREMENT_RETRY = f"""
 UPDATE agents SET retry_count = retry_count + 1 WHERE id = $1 RETURNING {AGENT_COLUMNS}
 """  # noqa: S608
+# Compare-and-set of the retry count, run inside a transaction: $2 = the count the caller read.
+# The CTE locks and reads the row, so one round trip tells "missing" (no row) from "changed
+# meanwhile" (cur_count <> $2, upd columns NULL). It also returns the transaction's id, known
+# before COMMIT is sent, so that a retry after a lost COMMIT answer can ask whether it committed.
+INCREMENT_RETRY_IF = f"""
+WITH cur AS (
+    SELECT id AS cur_id, retry_count AS cur_count FROM agents WHERE id = $1 FOR UPDATE
+), upd AS (
+    UPDATE agents SET retry_count = retry_count + 1
+    FROM cur
+    WHERE id = cur_id AND retry_count = $2
+    RETURNING {AGENT_COLUMNS}
+)
+SELECT cur_count, pg_current_xact_id()::text AS xact, upd.* FROM cur LEFT JOIN upd ON true
+"""  # noqa: S608
+# A retry of the compare-and-set, step 1: lock the agent. The earlier attempt's transaction held
+# this lock from its UPDATE to its end, so once it is ours that transaction has ended.
+LOCK_AGENT = f"SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1 FOR UPDATE"  # noqa: S608
+# Step 2: did the earlier attempt's transaction commit ('committed' / 'aborted')?
+XACT_STATUS = "SELECT pg_xact_status($1::text::xid8)"
 # Template of get_activity(): {where} comes only from fixed fragments in code.
 ACTIVITY_TEMPLATE = f"""
 SELECT {ACTIVITY_COLUMNS} FROM agent_activity{{where}}
@@ -507,11 +548,19 @@ class AgentRepository(Repository):
         """Change the status if AGENT_STATUS_TRANSITIONS allows it (else InvalidTransitionError).
 
         completed / failed / killed stamp ``completed_at``; ``last_error`` is set too when given.
-        None if the agent does not exist.
+        "paused" is refused (ValidationError): use ``pause``, which records who and when; a paused
+        agent only goes on through ``resume``, or stops (completed / failed / killed, which clears
+        ``pause_time`` and ``paused_by``). None if the agent does not exist.
         """
         agent_id = _id(id)
         st = v.check_choice(status, AGENT_STATUSES, "status")
         assert st is not None
+        if st == "paused":
+            raise ValidationError(
+                "status",
+                "'paused' is set by pause(agent_id, paused_by), which also records pause_time, "
+                "paused_by and the lifecycle state; update_status cannot",
+            )
         set_error = last_error is not UNSET
         error = (
             v.check_text(last_error, "last_error", max_length=v.LONG_TEXT, optional=True)
@@ -519,7 +568,14 @@ class AgentRepository(Repository):
             else None
         )
         args = (agent_id, st, _FINAL, _STATUS_SOURCES[st], set_error, error)
-        return await self._transition(UPDATE_AGENT_STATUS, args, agent_id, f"set status to {st}", st)
+        try:
+            return await self._transition(UPDATE_AGENT_STATUS, args, agent_id, f"set status to {st}", st)
+        except InvalidTransitionError as exc:
+            if exc.current != "paused":
+                raise
+            raise InvalidTransitionError(
+                "agent", agent_id, exc.current, f"set status to {st} (a paused agent goes on with resume())"
+            ) from None
 
     async def update_lifecycle_state(self, id: uuid.UUID | str, state: str) -> Agent | None:
         """Change the lifecycle state (destroyed is final: InvalidTransitionError). None if missing."""
@@ -548,10 +604,50 @@ class AgentRepository(Repository):
         aid = _id(agent_id, "agent_id")
         return await self._transition(RESUME_AGENT, (aid, _RESUMABLE), aid, "resume", "running")
 
-    async def increment_retry(self, id: uuid.UUID | str) -> Agent | None:
-        """Add one to ``retry_count`` (never retried automatically: it is relative). None if missing."""
-        row = await self.db.fetchrow(INCREMENT_RETRY, _id(id), retry=False)
-        return Agent(*row) if row is not None else None
+    async def increment_retry(self, id: uuid.UUID | str, *, expected: int | None = None) -> Agent | None:
+        """Add one to ``retry_count``; None if the agent does not exist.
+
+        Without ``expected`` the increment is relative and never retried after a lost connection
+        (it could apply twice): the caller cannot tell whether it applied.
+
+        With ``expected`` (the ``retry_count`` the caller read) it is a compare-and-set: the count
+        goes from ``expected`` to ``expected + 1``, or nothing changes and ConflictError says what
+        the count is now. Of many callers with the same ``expected``, exactly one succeeds. This
+        form IS retried after a lost connection, safely: a retry learns from the server whether the
+        earlier attempt committed (then it answers success without adding again, returning the
+        agent as it is now) or not (then it tries again, and meets ConflictError if someone else
+        moved the count meanwhile). It costs three round trips (BEGIN, the update, COMMIT).
+        """
+        agent_id = _id(id)
+        if expected is None:
+            row = await self.db.fetchrow(INCREMENT_RETRY, agent_id, retry=False)
+            return Agent(*row) if row is not None else None
+        count = v.check_int(expected, "expected", maximum=v.INT_MAX - 1)
+        applied_in: str | None = None  # transaction id of an attempt whose update went through
+
+        async def cas(con: Connection, attempt: int) -> Agent | None:
+            nonlocal applied_in
+            if applied_in is not None:
+                # That attempt's COMMIT may or may not have happened; ask the server, after taking
+                # the row lock, which that transaction held until it ended.
+                locked = await con.fetchrow(LOCK_AGENT, agent_id)
+                if locked is None:
+                    return None  # deleted since
+                if await con.fetchval(XACT_STATUS, applied_in) == "committed":
+                    return Agent(*locked)
+                applied_in = None  # rolled back: nothing was applied, try again
+            row = await con.fetchrow(INCREMENT_RETRY_IF, agent_id, count)
+            if row is None:
+                return None
+            if row[2] is None:
+                raise ConflictError(
+                    f"agent {agent_id}: retry_count is {row[0]}, not the expected {count} (it changed "
+                    "since it was read); nothing was changed"
+                )
+            applied_in = row[1]
+            return Agent(*row[2:])
+
+        return await self.db.run(cas, retry=True, transaction=True)
 
     async def get_activity(
         self,

@@ -5,9 +5,28 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import asyncpg
 import orjson
 
 from dash_storage.database import Database, get_database
+
+#: Foreign keys of the rows the repositories insert: constraint -> the parent it needs ("swarm",
+#: "agent"). A violation means the parent does not exist, which the repositories report as
+#: NotFoundError naming that parent (the same error as every other missing row).
+PARENT_KEYS: dict[str, str] = {
+    "agents_swarm_id_fkey": "swarm",
+    "events_swarm_id_fkey": "swarm",
+    "events_agent_id_fkey": "agent",
+    "budgets_swarm_id_fkey": "swarm",
+}
+
+
+def missing_parent(exc: BaseException | None) -> str | None:
+    """The parent ("swarm", "agent") whose absence failed an insert, if ``exc`` is the driver's
+    foreign-key violation of one of PARENT_KEYS; else None."""
+    if isinstance(exc, asyncpg.ForeignKeyViolationError):
+        return PARENT_KEYS.get(getattr(exc, "constraint_name", None) or "")
+    return None
 
 
 def written_by_us(row: Any, expected: Mapping[str, Any]) -> bool:

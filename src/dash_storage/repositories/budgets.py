@@ -24,15 +24,26 @@ Semantics of the limits: reaching a limit exactly is allowed. ``max_tokens`` NUL
 charge with ``tokens=0`` still passes the token check). ``allocated`` 0 means no money: only
 ``cost=0`` charges pass. "Exceeded" means no headroom left: ``consumed >= allocated`` or
 ``used_tokens >= max_tokens``.
+
+Percent used (``percent_used``, and the SQL function ``dash_budget_percentage`` the views use: one
+definition, kept equal by the tests): ``part / whole * 100`` rounded DOWN to 2 decimals, computed
+exactly, so it reads 100.00 exactly when no headroom is left (99.999 % used shows 99.99, not a
+rounded-up 100.00 while a charge could still pass). A ``whole`` of 0 reads 100.00: a zero
+allocation (or ``max_tokens`` 0) has no headroom at all, so it is "100 % used" and exceeded from
+the start, like an allocation spent to the last cent. Unlimited tokens have no percentage (None).
 """
 
 from __future__ import annotations
 
 import builtins
 import functools
+import math
 import uuid
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
+
+import asyncpg
 
 from dash_storage import validation as v
 from dash_storage.database import Connection, Database
@@ -68,6 +79,7 @@ __all__ = [
     "SELECT_LEDGER_BY_KEY",
     "SELECT_LEDGER_BY_KEYS",
     "BudgetRepository",
+    "percent_used",
 ]
 
 SCOPE_TYPES = frozenset(s.value for s in ScopeType)
@@ -81,8 +93,7 @@ BUDGET_ORDER_COLUMNS = {
 }
 #: Columns ``update`` may set, in the order their parameters are numbered.
 UPDATABLE_COLUMNS = ("allocated", "currency", "max_tokens")
-_HUNDRED = Decimal(100)
-_CENT = Decimal("0.01")
+_FULL = Decimal("100.00")
 
 # Idempotent create: a retried attempt finds its own row instead of inserting a second one.
 INSERT_BUDGET = f"""
@@ -121,12 +132,13 @@ DELETE_LEDGER = "DELETE FROM budget_ledger WHERE budget_id = $1"
 RESET_BUDGET = f"""
 UPDATE budgets SET consumed = 0, used_tokens = 0 WHERE id = $1 RETURNING {BUDGET_COLUMNS}
 """  # noqa: S608
-# Totals of a swarm's budgets; max_tokens is NULL when any of them is unlimited.
+# Totals of a swarm's budgets; max_tokens is NULL (unlimited) when any of them is unlimited, and
+# when there is no budget at all (nothing limits the tokens; 0 would mean "no tokens allowed").
 SELECT_SWARM_SUMMARY = """
 SELECT count(*),
        COALESCE(sum(allocated), 0),
        COALESCE(sum(consumed), 0),
-       CASE WHEN bool_or(max_tokens IS NULL) THEN NULL ELSE COALESCE(sum(max_tokens), 0) END,
+       CASE WHEN count(*) = 0 OR bool_or(max_tokens IS NULL) THEN NULL ELSE sum(max_tokens) END,
        COALESCE(sum(used_tokens), 0)
 FROM budgets WHERE swarm_id = $1
 """
@@ -184,11 +196,14 @@ def _key(value: Any) -> str:
     return result
 
 
-def _percent(part: Decimal, whole: Decimal) -> Decimal:
-    """``part`` as a percentage of ``whole``, 2 decimals; a zero ``whole`` is fully used (100)."""
+def percent_used(part: Decimal, whole: Decimal) -> Decimal:
+    """``part`` as a percentage of ``whole``, rounded down to 2 decimals (exactly, whatever the
+    digits); a zero ``whole`` is fully used (100.00). The SQL function ``dash_budget_percentage``
+    of the views computes the same."""
     if whole == 0:
-        return _HUNDRED
-    return (part * _HUNDRED / whole).quantize(_CENT, rounding=ROUND_HALF_UP)
+        return _FULL
+    hundredths = math.floor(Fraction(part) * 10_000 / Fraction(whole))
+    return Decimal(hundredths).scaleb(-2)
 
 
 def _usage(b: Budget) -> BudgetUsage:
@@ -198,8 +213,8 @@ def _usage(b: Budget) -> BudgetUsage:
         cost=b.consumed,
         percentage_tokens=None
         if b.max_tokens is None
-        else _percent(Decimal(b.used_tokens), Decimal(b.max_tokens)),
-        percentage_cost=_percent(b.consumed, b.allocated),
+        else percent_used(Decimal(b.used_tokens), Decimal(b.max_tokens)),
+        percentage_cost=percent_used(b.consumed, b.allocated),
         remaining_tokens=None if b.max_tokens is None else b.max_tokens - b.used_tokens,
         remaining_cost=b.allocated - b.consumed,
         is_exceeded=_exceeded(b),
@@ -237,7 +252,8 @@ class BudgetRepository(Repository):
         id: uuid.UUID | str | None = None,
     ) -> Budget:
         """Insert a budget. A swarm-scope budget belongs to its swarm (``swarm_id`` defaults to, and
-        must equal, ``scope_id``). Raises ConflictError if the id or scope exists or the swarm does not.
+        must equal, ``scope_id``). Raises NotFoundError naming the swarm if it does not exist,
+        ConflictError if the id or scope exists.
         """
         budget_id = v.check_uuid(id, "id", optional=True) or new_id()
         scope = _choice(scope_type, SCOPE_TYPES, "scope_type")
@@ -259,7 +275,10 @@ class BudgetRepository(Repository):
         )
 
         async def insert(con: Connection, attempt: int) -> Budget:
-            row = await con.fetchrow(INSERT_BUDGET, *args)
+            try:
+                row = await con.fetchrow(INSERT_BUDGET, *args)
+            except asyncpg.ForeignKeyViolationError as exc:  # budgets.swarm_id: the only reference
+                raise NotFoundError("swarm", swarm) from exc
             if row is None:
                 if attempt > 1:  # our own row, written by an attempt whose answer was lost
                     row = await con.fetchrow(SELECT_BUDGET_BY_ID, budget_id)
@@ -454,7 +473,8 @@ class BudgetRepository(Repository):
 
     async def get_swarm_budget_summary(self, swarm_id: uuid.UUID | str) -> SwarmBudgetSummary:
         """Totals over every budget of a swarm (all scopes; amounts are summed as-is, whatever their
-        currency). A swarm without budgets gives zeros."""
+        currency). ``max_tokens`` is None (unlimited) if any budget is unlimited, and for a swarm
+        without budgets (``budgets`` 0: nothing limits it), whose money figures are 0."""
         sid = _id(swarm_id, "swarm_id")
         row = await self.db.fetchrow(SELECT_SWARM_SUMMARY, sid, retry=True)
         assert row is not None

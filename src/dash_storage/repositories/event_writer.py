@@ -32,7 +32,7 @@ from typing import Any
 
 from dash_storage import validation as v
 from dash_storage.database import Database, get_database
-from dash_storage.errors import ConflictError, DashStorageError, ValidationError
+from dash_storage.errors import ConflictError, DashStorageError, NotFoundError, ValidationError
 from dash_storage.models import Event
 from dash_storage.repositories.events import MAX_BATCH, insert_prepared, prepare_event
 
@@ -135,8 +135,8 @@ class EventWriter:
         """Append one event, as ``EventRepository.create`` does, sharing the write with others.
 
         Returns the stored event once its batch has committed. Raises ValidationError (before
-        queueing), ConflictError if the id exists or the swarm/agent does not, and
-        DashStorageError if the writer is closed.
+        queueing), NotFoundError naming the swarm or agent if it does not exist, ConflictError if
+        the id exists, and DashStorageError if the writer is closed.
         """
         if self._closed:
             raise DashStorageError("this EventWriter is closed")
@@ -299,7 +299,7 @@ def _fail(batch: list[_Item], exc: BaseException) -> None:
 def _may_concern_some_rows(exc: DashStorageError) -> bool:
     """Errors a single row can cause (constraint violations, data exceptions), unlike e.g. an
     unreachable server or a missing table, which concern the whole batch."""
-    if isinstance(exc, ConflictError | ValidationError):
+    if isinstance(exc, ConflictError | NotFoundError | ValidationError):
         return True
     state = getattr(exc, "sqlstate", None) or getattr(exc.__cause__, "sqlstate", None)
     return isinstance(state, str) and state[:2] in ("22", "23")

@@ -32,7 +32,14 @@ import orjson
 
 from dash_storage import validation as v
 from dash_storage.database import Connection, Database
-from dash_storage.errors import ConflictError, DatabaseError, SerializationConflictError, ValidationError
+from dash_storage.errors import (
+    ConflictError,
+    DashStorageError,
+    DatabaseError,
+    NotFoundError,
+    SerializationConflictError,
+    ValidationError,
+)
 from dash_storage.ids import new_id
 from dash_storage.models import (
     EVENT_COLUMNS,
@@ -42,7 +49,7 @@ from dash_storage.models import (
     EventTypeStats,
     Severity,
 )
-from dash_storage.repositories.base import Repository
+from dash_storage.repositories.base import Repository, missing_parent
 
 __all__ = ["COPY_MIN_BATCH", "MAX_BATCH", "EventInput", "EventRepository", "insert_prepared", "prepare_event"]
 
@@ -111,6 +118,16 @@ INSERT_EVENTS_RETRY = INSERT_EVENTS_TEMPLATE.format(on_conflict="ON CONFLICT (id
 # introspection query.)
 COPY_TABLE = "events"
 COPY_COLUMNS = Event._fields
+# After a batch failed on a missing parent: the first of these ids (text, in batch order) that has
+# no row, so that the error names it. One statement per parent table; the table is never input.
+SELECT_MISSING_PARENT = {
+    entity: f"""
+SELECT u.id::uuid FROM unnest($1::text[]) WITH ORDINALITY AS u(id, n)
+WHERE NOT EXISTS (SELECT 1 FROM {table} p WHERE p.id = u.id::uuid)
+ORDER BY u.n LIMIT 1
+"""  # noqa: S608
+    for entity, table in (("swarm", "swarms"), ("agent", "agents"))
+}
 # The database clock of the COPY's transaction: the value every defaulted timestamp gets.
 SELECT_NOW = "SELECT now()"
 # One event by primary key.
@@ -415,7 +432,8 @@ class EventRepository(Repository):
     ) -> Event:
         """Append one event (payload defaults to ``{}``, timestamp to the database clock).
 
-        Raises ConflictError if the id exists or the swarm/agent does not.
+        Raises NotFoundError naming the swarm or agent if it does not exist, ConflictError if the
+        id exists.
         """
         args = _check_event(
             "",
@@ -432,7 +450,13 @@ class EventRepository(Repository):
         )
 
         async def insert(con: Connection, attempt: int) -> Event:
-            row = await con.fetchrow(INSERT_EVENT, *args)
+            try:
+                row = await con.fetchrow(INSERT_EVENT, *args)
+            except asyncpg.ForeignKeyViolationError as exc:
+                entity = missing_parent(exc)
+                if entity is None:
+                    raise
+                raise NotFoundError(entity, args[1] if entity == "swarm" else args[2]) from exc
             if row is None:
                 if attempt > 1:  # our own row if an attempt whose answer was lost wrote it
                     row = await con.fetchrow(SELECT_EVENT_BY_ID, args[0])
@@ -452,7 +476,8 @@ class EventRepository(Repository):
         front, so a retry after a lost connection returns each event exactly once. A batch of
         ``COPY_MIN_BATCH`` or more goes through binary COPY, a smaller one is one INSERT statement.
         Timestamps not given are the database's ``now()`` of the writing transaction. At most
-        ``MAX_BATCH`` items.
+        ``MAX_BATCH`` items. A missing swarm or agent fails the batch with NotFoundError naming the
+        first missing one (in input order); an existing id with ConflictError.
         """
         rows = _check_batch(events)
         if not rows:
@@ -593,11 +618,37 @@ async def insert_prepared(db: Database, rows: Sequence[_Row], payloads: Sequence
     """Write validated events (see ``prepare_event``) all or nothing; the stored events, in order.
 
     Retried on transient failures: ids are fixed, and a retry attempt writes only the events the
-    lost attempt did not, so every event is stored once. Rows must have distinct ids.
+    lost attempt did not, so every event is stored once. Rows must have distinct ids. A missing
+    swarm or agent is a NotFoundError naming it.
     """
-    if len(rows) >= COPY_MIN_BATCH:
-        return await db.run(functools.partial(_copy_attempt, rows, payloads), retry=True)
-    return await db.run(functools.partial(_insert_attempt, rows, payloads), retry=True)
+    attempt = _copy_attempt if len(rows) >= COPY_MIN_BATCH else _insert_attempt
+    try:
+        return await db.run(functools.partial(attempt, rows, payloads), retry=True)
+    except DashStorageError as exc:
+        entity = missing_parent(exc.__cause__)
+        if entity is None:
+            raise
+        raise await _missing_parent_error(db, rows, entity) from exc.__cause__
+
+
+async def _missing_parent_error(db: Database, rows: Sequence[_Row], entity: str) -> NotFoundError:
+    """NotFoundError naming the first swarm/agent of ``rows`` (input order) that does not exist.
+
+    The failed statement only says that one is missing; when the batch references several, one
+    more query finds which. Should that query fail, or find them all present (created meanwhile),
+    the error still says what kind of parent was missing.
+    """
+    column = 1 if entity == "swarm" else 2
+    ids = list(dict.fromkeys(str(r[column]) for r in rows if r[column] is not None))
+    if len(ids) == 1:
+        return NotFoundError(entity, uuid.UUID(ids[0]))
+    try:
+        found = await db.fetchval(SELECT_MISSING_PARENT[entity], ids, retry=True)
+    except DashStorageError:
+        found = None
+    if found is None:
+        return NotFoundError(entity, f"(one of the {len(ids)} {entity} ids of the batch)")
+    return NotFoundError(entity, found)
 
 
 async def _insert_attempt(

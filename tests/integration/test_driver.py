@@ -1,0 +1,111 @@
+"""The asyncpg internals and message texts that ``dash_storage.driver`` relies on, checked for real.
+
+Each test produces the situation on a real server and asserts that asyncpg still shows it the way
+the driver module reads it. If an asyncpg release changes one of them, the test that fails names
+which, before the replay and retry rules silently stop working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import pytest
+
+from dash_storage import driver
+from dash_storage.config import Settings
+from dash_storage.database import Database
+from dash_storage.errors import ConfigurationError, map_error, never_sent
+from tests.faults.proxy import proxy_for
+
+
+async def test_statements_sent_are_counted(db: Database) -> None:
+    async with db.acquire() as con:
+        mark = driver.mark(con)
+        assert mark is not None, "asyncpg no longer exposes protocol.queries_count"
+        await con.fetchval("SELECT 1")
+        await con.execute("SELECT 2")
+        assert driver.statements_since(mark) == 2
+
+
+async def test_a_released_proxy_is_detached(db: Database) -> None:
+    pool = await db.ready()
+    con = await pool.acquire()
+    assert not driver.is_closed(con)
+    await pool.release(con)
+    assert driver.is_closed(con)
+    with pytest.raises(asyncpg.InterfaceError) as info:
+        await con.fetchval("SELECT 1")
+    assert driver.message_is_released_proxy(info.value)
+
+
+async def test_a_closed_connection_refuses_before_sending(db: Database) -> None:
+    con = await db.connect()
+    await con.close()
+    with pytest.raises(asyncpg.InterfaceError) as info:
+        await con.fetchval("SELECT 1")
+    assert driver.message_is_closed_before_send(info.value)
+    assert never_sent(info.value)
+
+
+async def test_a_goodbye_on_an_idle_connection_is_seen(settings: Settings, db: Database) -> None:
+    """The server's FATAL arrives on an idle connection: without its end-of-file (a middlebox that
+    holds it) asyncpg refuses the next statement with its state message; with it, the poll of the
+    socket sees the hang-up before asyncpg has read it."""
+    async with proxy_for(settings) as proxy:
+        proxy.hold_close = True
+        kwargs = {**(await db.connect_kwargs()), "host": "127.0.0.1", "port": proxy.port}
+        con = await asyncpg.connect(**kwargs)
+        try:
+            admin = await db.connect()
+            await admin.fetchval("SELECT pg_terminate_backend($1, 5000)", con.get_server_pid())
+            await admin.close()
+            for _ in range(200):
+                if proxy.stats.held:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)  # the FATAL is read; the end-of-file is held by the proxy
+            with pytest.raises(asyncpg.InternalClientError) as info:
+                await con.fetchval("SELECT 1")
+            assert driver.message_is_state_switch(info.value)
+            assert never_sent(info.value)
+        finally:
+            con.terminate()
+
+        raw = await asyncpg.connect(**kwargs)
+        pool_like = type("Proxy", (), {"_con": raw})()
+        try:
+            assert not driver.gone_while_idle(pool_like)
+            proxy.hold_close = False
+            admin = await db.connect()
+            await admin.fetchval("SELECT pg_terminate_backend($1, 5000)", raw.get_server_pid())
+            await admin.close()
+            for _ in range(200):  # blocking waits: the loop must not read the goodbye meanwhile
+                if driver.gone_while_idle(pool_like):
+                    break
+                await asyncio.to_thread(lambda: None)
+            assert driver.gone_while_idle(pool_like)
+        finally:
+            raw.terminate()
+
+
+async def test_a_server_without_tls_is_reported_as_configuration(db: Database) -> None:
+    kwargs = await db.connect_kwargs()
+    if not str(kwargs.get("host", "")).startswith(("127.", "localhost")):
+        pytest.skip("needs the test server on TCP")
+    admin = await db.connect()
+    try:
+        if await admin.fetchval("SHOW ssl") == "on":
+            pytest.skip("the test server offers TLS")
+    finally:
+        await admin.close()
+    with pytest.raises(ConnectionError) as info:
+        await asyncpg.connect(**{**kwargs, "ssl": "require"})
+    assert driver.message_is_ssl_rejected(info.value)
+    assert isinstance(map_error(info.value), ConfigurationError)
+
+
+async def test_uuid_columns_come_back_as_a_known_class(db: Database) -> None:
+    value = await db.fetchval("SELECT $1::uuid", uuid.uuid4())
+    assert isinstance(value, driver.uuid_types())
