@@ -15,8 +15,8 @@ from pathlib import Path
 
 import asyncpg
 
-from dash_storage.config import load_settings
-from dash_storage.database import Database
+from dash_storage.core.config import load_settings
+from dash_storage.core.database import Database
 from dash_storage.migrations.runner import MigrationRunner
 
 ROOT = Path(__file__).resolve().parents[1]

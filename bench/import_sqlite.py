@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bench.common import RESULTS, scratch_database  # noqa: E402
 from dash_storage.cli.common import run as run_loop  # noqa: E402
-from dash_storage.database import Database  # noqa: E402
+from dash_storage.core.database import Database  # noqa: E402
+from dash_storage.core.models import Event  # noqa: E402
 from dash_storage.legacy import import_sqlite  # noqa: E402
-from dash_storage.models import Event  # noqa: E402
 from tests.legacy_factory import build_legacy_file  # noqa: E402
 
 BENCH_DB = "dash_bench_import"

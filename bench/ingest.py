@@ -39,8 +39,8 @@ if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, raw_pool, scratch_database, server_version, today
-from dash_storage.database import Database
-from dash_storage.ids import new_id
+from dash_storage.core.database import Database
+from dash_storage.core.ids import new_id
 from dash_storage.repositories import events as event_sql
 from dash_storage.repositories.event_writer import EventWriter
 from dash_storage.repositories.events import EventRepository

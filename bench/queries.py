@@ -34,7 +34,7 @@ import asyncpg
 import orjson
 
 from bench.common import machine, raw_pool, scratch_database, server_version, today
-from dash_storage.database import Database
+from dash_storage.core.database import Database
 from dash_storage.repositories import events as event_sql
 from dash_storage.repositories.events import EventRepository
 

@@ -24,7 +24,7 @@ from bench.common import (
     table,
     today,
 )
-from dash_storage.ids import new_id
+from dash_storage.core.ids import new_id
 from dash_storage.repositories import budgets as budget_sql
 from dash_storage.repositories import events as event_sql
 from dash_storage.repositories.budgets import BudgetRepository

@@ -16,8 +16,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from dash_storage.config import Settings, load_settings
-from dash_storage.database import Database
+from dash_storage.core.config import Settings, load_settings
+from dash_storage.core.database import Database
 from dash_storage.migrations.runner import MigrationRunner
 
 ROOT = Path(__file__).resolve().parents[1]

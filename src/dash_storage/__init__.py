@@ -3,9 +3,9 @@
 The public API is re-exported here; nothing is defined in this module.
 """
 
-from dash_storage.config import Settings, load_settings
-from dash_storage.database import Database, HealthReport, PoolStats, get_database, reset_database
-from dash_storage.errors import (
+from dash_storage.core.config import Settings, load_settings
+from dash_storage.core.database import Database, HealthReport, PoolStats, get_database, reset_database
+from dash_storage.core.errors import (
     CommandTimeoutError,
     ConfigurationError,
     ConflictError,
@@ -21,8 +21,7 @@ from dash_storage.errors import (
     TransientError,
     ValidationError,
 )
-from dash_storage.migrations import MigrationRunner
-from dash_storage.models import (
+from dash_storage.core.models import (
     UNSET,
     Agent,
     AgentActivity,
@@ -45,6 +44,8 @@ from dash_storage.models import (
     SwarmStatus,
     SwarmSummary,
 )
+from dash_storage.core.retry import RetryPolicy
+from dash_storage.migrations import MigrationRunner
 from dash_storage.repositories import (
     AgentRepository,
     BudgetRepository,
@@ -53,7 +54,6 @@ from dash_storage.repositories import (
     SessionRepository,
     SwarmRepository,
 )
-from dash_storage.retry import RetryPolicy
 
 __all__ = [
     "UNSET",

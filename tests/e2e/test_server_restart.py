@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from dash_storage import embedded
-from dash_storage.config import load_settings
-from dash_storage.database import Database
+from dash_storage.core.config import load_settings
+from dash_storage.core.database import Database
+from dash_storage.server import embedded
 from tests.conftest import TEST_DB, migrate
 from tests.faults.workload import Workload
 from tests.reliability import record
@@ -64,7 +64,7 @@ async def server(tmp_path: Path) -> AsyncIterator[tuple[Path, embedded.EmbeddedS
 async def test_workload_survives_a_server_restart(
     server: tuple[Path, embedded.EmbeddedServer], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="dash_storage.retry")
+    caplog.set_level(logging.WARNING, logger="dash_storage.core.retry")
     data_dir, started = server
     settings = load_settings(
         postgres_host=None,

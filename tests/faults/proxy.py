@@ -26,7 +26,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from dash_storage.config import Settings
+from dash_storage.core.config import Settings
 
 __all__ = ["FaultProxy", "ProxyStats", "proxy_for"]
 

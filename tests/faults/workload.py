@@ -23,10 +23,10 @@ from typing import Any
 
 import asyncpg
 
-from dash_storage.database import Database
-from dash_storage.errors import DashStorageError
-from dash_storage.ids import new_id
-from dash_storage.models import ConsumeStatus
+from dash_storage.core.database import Database
+from dash_storage.core.errors import DashStorageError
+from dash_storage.core.ids import new_id
+from dash_storage.core.models import ConsumeStatus
 from dash_storage.repositories.agents import AgentRepository
 from dash_storage.repositories.budgets import BudgetRepository
 from dash_storage.repositories.events import EventRepository

@@ -18,8 +18,8 @@ from dash_storage import (
     NotFoundError,
     ValidationError,
 )
-from dash_storage.ids import new_id
-from dash_storage.models import Agent, AgentActivity, AgentStatus
+from dash_storage.core.ids import new_id
+from dash_storage.core.models import Agent, AgentActivity, AgentStatus
 from dash_storage.repositories.agents import (
     AGENT_LIFECYCLE_TRANSITIONS,
     AGENT_STATUS_TRANSITIONS,

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from dash_storage.database import Database
-from dash_storage.errors import ConflictError, NotFoundError, ValidationError
-from dash_storage.ids import new_id
-from dash_storage.models import Budget, ConsumeStatus
+from dash_storage.core.database import Database
+from dash_storage.core.errors import ConflictError, NotFoundError, ValidationError
+from dash_storage.core.ids import new_id
+from dash_storage.core.models import Budget, ConsumeStatus
 from dash_storage.repositories.budgets import BudgetRepository
 
 MakeDatabase = Callable[..., Awaitable[Database]]

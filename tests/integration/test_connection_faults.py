@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from dash_storage.config import Settings
-from dash_storage.database import Database
-from dash_storage.errors import CommandTimeoutError, DashStorageError
+from dash_storage.core.config import Settings
+from dash_storage.core.database import Database
+from dash_storage.core.errors import CommandTimeoutError, DashStorageError
 from dash_storage.repositories.agents import AgentRepository
 from tests.conftest import TEST_DB, admin_connect
 from tests.faults.proxy import FaultProxy, proxy_for
@@ -62,7 +62,7 @@ def assert_clean(rep: Report) -> None:
 async def test_workload_while_every_backend_is_terminated_in_a_loop(
     db: Database, settings: Settings, make_database: MakeDatabase, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="dash_storage.retry")
+    caplog.set_level(logging.WARNING, logger="dash_storage.core.retry")
     chaos = await make_database(postgres_max_pool_size=10, postgres_retry_attempts=6, postgres_retry_delay=10)
     work = Workload(chaos, tasks=32, ops_per_task=300, seconds=3.0, charges=120)
     await work.setup(db)
@@ -126,7 +126,7 @@ async def proxy_chaos(
 async def test_workload_through_a_faulty_proxy(
     db: Database, proxy: FaultProxy, make_database: MakeDatabase, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="dash_storage.retry")
+    caplog.set_level(logging.WARNING, logger="dash_storage.core.retry")
     chaos = await make_database(
         postgres_host="127.0.0.1",
         postgres_port=proxy.port,

@@ -18,7 +18,7 @@ from dash_storage import (
     get_database,
     reset_database,
 )
-from dash_storage.config import Settings
+from dash_storage.core.config import Settings
 from tests.conftest import TEST_DB, admin_connect
 
 

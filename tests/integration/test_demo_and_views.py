@@ -14,12 +14,12 @@ from decimal import Decimal
 import pytest
 
 from dash_storage import Database
-from dash_storage.errors import ValidationError
+from dash_storage.cli.simulation import run_demo
+from dash_storage.core.errors import ValidationError
 from dash_storage.repositories.agents import AgentRepository
 from dash_storage.repositories.events import EventRepository
 from dash_storage.repositories.sessions import SessionRepository
 from dash_storage.repositories.swarms import SwarmRepository
-from dash_storage.simulation import run_demo
 from tests.conftest import TEST_DB
 
 

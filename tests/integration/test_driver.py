@@ -1,4 +1,4 @@
-"""The asyncpg internals and message texts that ``dash_storage.driver`` relies on, checked for real.
+"""The asyncpg internals and message texts that ``dash_storage.core.driver`` relies on, checked for real.
 
 Each test produces the situation on a real server and asserts that asyncpg still shows it the way
 the driver module reads it. If an asyncpg release changes one of them, the test that fails names
@@ -13,10 +13,10 @@ import uuid
 import asyncpg
 import pytest
 
-from dash_storage import driver
-from dash_storage.config import Settings
-from dash_storage.database import Database
-from dash_storage.errors import ConfigurationError, map_error, never_sent
+from dash_storage.core import driver
+from dash_storage.core.config import Settings
+from dash_storage.core.database import Database
+from dash_storage.core.errors import ConfigurationError, map_error, never_sent
 from tests.faults.proxy import proxy_for
 
 

@@ -20,11 +20,11 @@ import orjson
 import pytest
 
 from dash_storage import DashStorageError, EventWriter
-from dash_storage.config import Settings
-from dash_storage.database import Connection, Database
-from dash_storage.errors import ConflictError, NotFoundError, ValidationError
-from dash_storage.ids import new_id
-from dash_storage.models import Event
+from dash_storage.core.config import Settings
+from dash_storage.core.database import Connection, Database
+from dash_storage.core.errors import ConflictError, NotFoundError, ValidationError
+from dash_storage.core.ids import new_id
+from dash_storage.core.models import Event
 from dash_storage.repositories.events import COPY_MIN_BATCH, EventRepository
 from tests import reliability
 from tests.conftest import TEST_DB, admin_connect

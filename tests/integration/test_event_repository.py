@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from dash_storage.database import Database
-from dash_storage.errors import ConflictError, NotFoundError, ValidationError
-from dash_storage.ids import new_id
-from dash_storage.models import Event, Severity
+from dash_storage.core.database import Database
+from dash_storage.core.errors import ConflictError, NotFoundError, ValidationError
+from dash_storage.core.ids import new_id
+from dash_storage.core.models import Event, Severity
 from dash_storage.repositories.events import EventRepository
 
 UTC = dt.UTC

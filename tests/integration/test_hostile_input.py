@@ -39,15 +39,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dash_storage.config import Settings
-from dash_storage.database import Database
-from dash_storage.errors import (
+from dash_storage.core.config import Settings
+from dash_storage.core.database import Database
+from dash_storage.core.errors import (
     ConflictError,
     InvalidTransitionError,
     NotFoundError,
     ValidationError,
 )
-from dash_storage.models import (
+from dash_storage.core.models import (
     AgentStatus,
     Currency,
     EntityType,
@@ -56,6 +56,7 @@ from dash_storage.models import (
     Severity,
     SwarmStatus,
 )
+from dash_storage.core.validation import MAX_JSON_BYTES, MAX_JSON_DEPTH
 from dash_storage.repositories.agents import AGENT_ORDER_COLUMNS, AgentRepository
 from dash_storage.repositories.budgets import BUDGET_ORDER_COLUMNS, BudgetRepository
 from dash_storage.repositories.events import EventRepository, _encode_cursor
@@ -65,7 +66,6 @@ from dash_storage.repositories.sessions import (
     SessionRepository,
 )
 from dash_storage.repositories.swarms import SWARM_ORDER_COLUMNS, SwarmRepository
-from dash_storage.validation import MAX_JSON_BYTES, MAX_JSON_DEPTH
 from tests import reliability
 
 UTC = dt.UTC

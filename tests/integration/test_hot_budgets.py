@@ -25,11 +25,11 @@ from typing import Any
 import pytest
 
 from bench import queries as bench_queries
-from dash_storage.config import Settings
-from dash_storage.database import Database
-from dash_storage.errors import ConflictError, DashStorageError, DatabaseUnavailableError
-from dash_storage.ids import new_id
-from dash_storage.models import ConsumeResult, ConsumeStatus
+from dash_storage.core.config import Settings
+from dash_storage.core.database import Database
+from dash_storage.core.errors import ConflictError, DashStorageError, DatabaseUnavailableError
+from dash_storage.core.ids import new_id
+from dash_storage.core.models import ConsumeResult, ConsumeStatus
 from dash_storage.repositories.budget_batcher import CONSUME_BATCH, MAX_BATCH, combiner_for
 from dash_storage.repositories.budgets import BudgetRepository
 from tests.conftest import TEST_DB, admin_connect
@@ -376,7 +376,7 @@ async def test_two_databases_hammering_one_budget_never_overspend(
 CHILD = """
 import asyncio, json, sys
 from decimal import Decimal
-from dash_storage.database import Database
+from dash_storage.core.database import Database
 from dash_storage.repositories.budgets import BudgetRepository
 
 async def main(budget_id, agents, calls):

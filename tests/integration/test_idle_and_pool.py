@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from dash_storage.config import Settings
-from dash_storage.database import Connection, Database
-from dash_storage.errors import (
+from dash_storage.core.config import Settings
+from dash_storage.core.database import Connection, Database
+from dash_storage.core.errors import (
     ConflictError,
     DashStorageError,
     DatabaseError,

@@ -17,8 +17,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from dash_storage.database import Database
-from dash_storage.errors import ValidationError
+from dash_storage.core.database import Database
+from dash_storage.core.errors import ValidationError
 from dash_storage.legacy import LEGACY_NAMESPACE, ImportReport, SQLiteStorage, import_sqlite, legacy_uuid
 from dash_storage.legacy.mapping import (
     AGENT_STATUS_MAP,

@@ -21,9 +21,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from dash_storage.config import Settings
-from dash_storage.database import Database
-from dash_storage.errors import DatabaseUnavailableError, MigrationError
+from dash_storage.core.config import Settings
+from dash_storage.core.database import Database
+from dash_storage.core.errors import DatabaseUnavailableError, MigrationError
 from dash_storage.migrations import MigrationRunner, builtin_migrations, create_migration
 from dash_storage.migrations.runner import MigrationRunError
 from tests.conftest import admin_connect, drop_database, recreate_database

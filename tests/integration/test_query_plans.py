@@ -26,8 +26,8 @@ import asyncpg
 import pytest
 
 from bench import queries as bench_queries
-from dash_storage.config import Settings
-from dash_storage.database import Database, Record
+from dash_storage.core.config import Settings
+from dash_storage.core.database import Database, Record
 from dash_storage.migrations import MigrationRunner
 from dash_storage.repositories import agents as agent_sql
 from dash_storage.repositories import budgets as budget_sql

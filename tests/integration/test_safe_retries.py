@@ -14,11 +14,11 @@ from typing import Any, TypeVar
 
 import pytest
 
-from dash_storage.config import Settings
-from dash_storage.database import Connection, Database
-from dash_storage.errors import ConflictError, DashStorageError
-from dash_storage.ids import new_id
-from dash_storage.models import ConsumeStatus
+from dash_storage.core.config import Settings
+from dash_storage.core.database import Connection, Database
+from dash_storage.core.errors import ConflictError, DashStorageError
+from dash_storage.core.ids import new_id
+from dash_storage.core.models import ConsumeStatus
 from dash_storage.repositories.budgets import BudgetRepository
 from dash_storage.repositories.events import EventRepository
 from tests.conftest import TEST_DB, admin_connect

@@ -29,9 +29,9 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 
-from dash_storage.config import Settings, load_settings
-from dash_storage.database import Database
-from dash_storage.errors import DashStorageError
+from dash_storage.core.config import Settings, load_settings
+from dash_storage.core.database import Database
+from dash_storage.core.errors import DashStorageError
 from dash_storage.repositories.agents import AgentRepository
 from dash_storage.repositories.budgets import BudgetRepository
 from dash_storage.repositories.events import EventRepository

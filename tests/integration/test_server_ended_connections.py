@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from dash_storage.database import Database
-from dash_storage.errors import CommandTimeoutError, ConnectionLostError, map_error
+from dash_storage.core.database import Database
+from dash_storage.core.errors import CommandTimeoutError, ConnectionLostError, map_error
 from dash_storage.repositories.swarms import SwarmRepository
 
 ROUNDS = 20
@@ -146,6 +146,6 @@ def test_a_session_the_server_ended_is_said_in_words() -> None:
 
 async def test_a_timeout_is_raised_after_one_attempt(make_database, caplog) -> None:  # type: ignore[no-untyped-def]
     db = await make_database(postgres_retry_attempts=3, postgres_retry_delay=10)
-    with caplog.at_level("WARNING", logger="dash_storage.retry"), pytest.raises(CommandTimeoutError):
+    with caplog.at_level("WARNING", logger="dash_storage.core.retry"), pytest.raises(CommandTimeoutError):
         await db.fetchval("SELECT pg_sleep(1)", retry=True, timeout=0.2)
     assert [r for r in caplog.records if "retry" in r.getMessage()] == []

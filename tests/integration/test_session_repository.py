@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from dash_storage import ConflictError, Database, ValidationError
-from dash_storage.ids import new_id
-from dash_storage.models import Session
+from dash_storage.core.ids import new_id
+from dash_storage.core.models import Session
 from dash_storage.repositories.sessions import SessionRepository
 
 UTC = dt.UTC

@@ -19,9 +19,9 @@ from urllib.parse import quote
 
 import pytest
 
-from dash_storage.config import Settings, load_settings
-from dash_storage.database import Database
-from dash_storage.errors import ConfigurationError, DashStorageError
+from dash_storage.core.config import Settings, load_settings
+from dash_storage.core.database import Database
+from dash_storage.core.errors import ConfigurationError, DashStorageError
 from tests import reliability
 from tests.ssl_server import TlsCluster, tls_cluster, unavailable_reason
 
@@ -80,7 +80,7 @@ async def refused(settings: Settings, caplog: pytest.LogCaptureFixture) -> DashS
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="dash_storage"), pytest.raises(DashStorageError) as info:
         await encrypted_session(settings)
-    retries = [r for r in caplog.records if r.name.startswith("dash_storage.retry")]
+    retries = [r for r in caplog.records if r.name.startswith("dash_storage.core.retry")]
     assert not retries, f"a certificate failure was retried: {[r.getMessage() for r in retries]}"
     return info.value
 

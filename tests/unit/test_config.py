@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dash_storage.config import Settings, load_settings
-from dash_storage.errors import ConfigurationError, DatabaseUnavailableError, scrub
+from dash_storage.core.config import Settings, load_settings
+from dash_storage.core.errors import ConfigurationError, DatabaseUnavailableError, scrub
 
 VARS = [
     "POSTGRES_HOST",

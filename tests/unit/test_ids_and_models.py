@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
-from dash_storage.ids import new_id
-from dash_storage.models import AGENT_COLUMNS, EVENT_COLUMNS, UNSET, Agent, Event
+from dash_storage.core.ids import new_id
+from dash_storage.core.models import AGENT_COLUMNS, EVENT_COLUMNS, UNSET, Agent, Event
 
 
 def test_uuid7_layout_and_time() -> None:

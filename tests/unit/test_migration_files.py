@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dash_storage.errors import MigrationError, ValidationError
+from dash_storage.core.errors import MigrationError, ValidationError
 from dash_storage.migrations import (
     builtin_migrations,
     create_migration,

@@ -7,9 +7,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from dash_storage.config import Settings, load_settings
-from dash_storage.database import Database
-from dash_storage.errors import (
+from dash_storage.core.config import Settings, load_settings
+from dash_storage.core.database import Database
+from dash_storage.core.errors import (
     ConfigurationError,
     ConflictError,
     DashStorageError,
@@ -20,7 +20,7 @@ from dash_storage.errors import (
     is_transient,
     map_error,
 )
-from dash_storage.retry import RetryPolicy, retry_call
+from dash_storage.core.retry import RetryPolicy, retry_call
 
 
 def _pg(cls: type[asyncpg.PostgresError]) -> asyncpg.PostgresError:
@@ -146,7 +146,7 @@ async def test_a_server_that_is_down_is_tried_attempts_plus_one_times(
         "connect": lambda: db.connect(),
         "import": lambda: _import(db, tmp_path),
     }
-    with caplog.at_level("WARNING", logger="dash_storage.retry"):
+    with caplog.at_level("WARNING", logger="dash_storage.core.retry"):
         with pytest.raises(DatabaseUnavailableError) as info:
             await calls[how]()
     assert len(_retries(caplog)) == 2, _retries(caplog)

@@ -15,7 +15,7 @@ import orjson
 import typer
 from rich.console import Console
 
-from dash_storage.errors import scrub
+from dash_storage.core.errors import scrub
 
 T = TypeVar("T")
 

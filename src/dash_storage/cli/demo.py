@@ -10,11 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dash_storage.cli.common import console, print_json, run, usage_error
-from dash_storage.cli.tables import cell, new_table, print_table
-from dash_storage.database import Database
-from dash_storage.errors import ValidationError
-from dash_storage.migrations.runner import MigrationRunner
-from dash_storage.simulation import (
+from dash_storage.cli.simulation import (
     MAX_AGENTS,
     MAX_SECONDS,
     MIN_SECONDS,
@@ -23,6 +19,10 @@ from dash_storage.simulation import (
     check_demo_options,
     run_demo,
 )
+from dash_storage.cli.tables import cell, new_table, print_table
+from dash_storage.core.database import Database
+from dash_storage.core.errors import ValidationError
+from dash_storage.migrations.runner import MigrationRunner
 
 
 async def _demo(

@@ -16,9 +16,9 @@ from rich.table import Table
 
 from dash_storage.cli.common import console, err_console, fail, print_json, run
 from dash_storage.cli.tables import print_table
-from dash_storage.config import load_settings
-from dash_storage.database import Database
-from dash_storage.errors import DashStorageError
+from dash_storage.core.config import load_settings
+from dash_storage.core.database import Database
+from dash_storage.core.errors import DashStorageError
 from dash_storage.legacy.importer import ImportReport, ProgressCallback
 from dash_storage.legacy.importer import import_sqlite as _import_sqlite
 

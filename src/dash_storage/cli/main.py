@@ -12,7 +12,7 @@ import typer
 from dash_storage.cli import demo, importer, migrate, server, views
 from dash_storage.cli.common import fail
 from dash_storage.cli.help import DashCommand, DashGroup
-from dash_storage.errors import DashStorageError
+from dash_storage.core.errors import DashStorageError
 
 app = typer.Typer(
     name="dash-db",

@@ -13,9 +13,9 @@ from rich.text import Text
 from dash_storage.cli.common import console, fail, print_json, run
 from dash_storage.cli.help import DashCommand, DashGroup
 from dash_storage.cli.tables import new_table, print_table
-from dash_storage.config import load_settings
-from dash_storage.database import Database
-from dash_storage.errors import DashStorageError, ValidationError
+from dash_storage.core.config import load_settings
+from dash_storage.core.database import Database
+from dash_storage.core.errors import DashStorageError, ValidationError
 from dash_storage.migrations import MigrationRunner, MigrationStatus, create_migration
 from dash_storage.migrations.runner import check_migration_name
 

@@ -9,13 +9,13 @@ from typing import Annotated, Any
 
 import typer
 
-from dash_storage import embedded
 from dash_storage.cli.common import console, fail, print_json, run
 from dash_storage.cli.tables import cell, new_table, print_table
-from dash_storage.config import Settings, load_settings
-from dash_storage.database import Database
-from dash_storage.errors import DashStorageError
+from dash_storage.core.config import Settings, load_settings
+from dash_storage.core.database import Database
+from dash_storage.core.errors import DashStorageError
 from dash_storage.migrations.runner import MigrationRunner
+from dash_storage.server import embedded
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 

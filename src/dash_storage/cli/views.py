@@ -19,9 +19,9 @@ from dash_storage.cli.common import print_json, run, usage_error
 from dash_storage.cli.help import DashCommand
 from dash_storage.cli.since import parse_since
 from dash_storage.cli.tables import cell, kind_of, new_table, print_table
-from dash_storage.database import Database
-from dash_storage.errors import ValidationError
-from dash_storage.models import AgentStatus, LifecycleState, ScopeType, Severity, SwarmStatus
+from dash_storage.core.database import Database
+from dash_storage.core.errors import ValidationError
+from dash_storage.core.models import AgentStatus, LifecycleState, ScopeType, Severity, SwarmStatus
 from dash_storage.repositories.agents import AgentRepository
 from dash_storage.repositories.budgets import BudgetRepository
 from dash_storage.repositories.events import EventRepository

@@ -21,6 +21,7 @@ from typing import Any, Final
 
 import orjson
 
+from dash_storage.core.models import EntityType, Severity
 from dash_storage.legacy.mapping import (
     AgentRef,
     SwarmRef,
@@ -51,7 +52,6 @@ from dash_storage.legacy.values import (
     to_money,
     unreadable_time,
 )
-from dash_storage.models import EntityType, Severity
 
 __all__ = ["EVENT_TYPE_DEFAULT", "convert_agents", "convert_events", "convert_swarms"]
 

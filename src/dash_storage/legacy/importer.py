@@ -62,8 +62,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, Final
 
-from dash_storage.database import Connection, Database
-from dash_storage.errors import DashStorageError, ValidationError
+from dash_storage.core.database import Connection, Database
+from dash_storage.core.errors import DashStorageError, ValidationError
 from dash_storage.legacy.convert import convert_agents, convert_events, convert_swarms
 from dash_storage.legacy.mapping import (
     AGENT_STATUS_DEFAULT,

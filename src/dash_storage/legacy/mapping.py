@@ -14,7 +14,7 @@ from typing import Any, Final, TypeAlias
 
 from asyncpg.pgproto.pgproto import UUID as _FastUUID
 
-from dash_storage.models import AgentStatus, LifecycleState, SwarmStatus
+from dash_storage.core.models import AgentStatus, LifecycleState, SwarmStatus
 
 __all__ = [
     "AGENT_STATUS_DEFAULT",

@@ -16,7 +16,7 @@ from typing import Any, Final, cast
 
 import aiosqlite
 
-from dash_storage.errors import ValidationError
+from dash_storage.core.errors import ValidationError
 
 __all__ = [
     "LEGACY_COLUMNS",

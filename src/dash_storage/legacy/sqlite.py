@@ -29,7 +29,7 @@ from typing import Any, Final
 import aiosqlite
 import orjson
 
-from dash_storage.errors import ConflictError, DashStorageError, DatabaseError, ValidationError
+from dash_storage.core.errors import ConflictError, DashStorageError, DatabaseError, ValidationError
 
 __all__ = [
     "AGENT_COLUMNS",

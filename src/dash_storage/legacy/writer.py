@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from dash_storage.database import Connection, Database
+from dash_storage.core.database import Connection, Database
 from dash_storage.legacy.mapping import AgentRef, SwarmRef, legacy_uuid
 from dash_storage.legacy.report import Batch
 

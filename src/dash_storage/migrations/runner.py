@@ -30,8 +30,8 @@ from typing import Literal, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from dash_storage.database import Database
-from dash_storage.errors import (
+from dash_storage.core.database import Database
+from dash_storage.core.errors import (
     DashStorageError,
     DatabaseUnavailableError,
     MigrationError,

@@ -54,11 +54,11 @@ from typing import Any
 
 import asyncpg
 
-from dash_storage import validation as v
-from dash_storage.database import Connection
-from dash_storage.errors import ConflictError, InvalidTransitionError, NotFoundError, ValidationError
-from dash_storage.ids import new_id
-from dash_storage.models import (
+from dash_storage.core import validation as v
+from dash_storage.core.database import Connection
+from dash_storage.core.errors import ConflictError, InvalidTransitionError, NotFoundError, ValidationError
+from dash_storage.core.ids import new_id
+from dash_storage.core.models import (
     AGENT_COLUMNS,
     UNSET,
     Agent,

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from dash_storage.database import Database, get_database
+from dash_storage.core.database import Database, get_database
 
 #: Foreign keys of the rows the repositories insert: constraint -> the parent it needs ("swarm",
 #: "agent"). A violation means the parent does not exist, which the repositories report as

@@ -56,10 +56,10 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
-from dash_storage.database import Database
-from dash_storage.errors import ConflictError, is_transient
-from dash_storage.models import BUDGET_COLUMNS, Budget, ConsumeResult, ConsumeStatus
-from dash_storage.retry import RetryPolicy, retry_call
+from dash_storage.core.database import Database
+from dash_storage.core.errors import ConflictError, is_transient
+from dash_storage.core.models import BUDGET_COLUMNS, Budget, ConsumeResult, ConsumeStatus
+from dash_storage.core.retry import RetryPolicy, retry_call
 
 __all__ = [
     "BATCH_RETRIES",

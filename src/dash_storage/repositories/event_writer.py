@@ -30,10 +30,10 @@ from collections import deque
 from types import TracebackType
 from typing import Any
 
-from dash_storage import validation as v
-from dash_storage.database import Database, get_database
-from dash_storage.errors import ConflictError, DashStorageError, NotFoundError, ValidationError
-from dash_storage.models import Event
+from dash_storage.core import validation as v
+from dash_storage.core.database import Database, get_database
+from dash_storage.core.errors import ConflictError, DashStorageError, NotFoundError, ValidationError
+from dash_storage.core.models import Event
 from dash_storage.repositories.events import MAX_BATCH, insert_prepared, prepare_event
 
 __all__ = ["EventWriter"]

@@ -30,9 +30,9 @@ from typing import Any, Required, TypedDict
 import asyncpg
 import orjson
 
-from dash_storage import validation as v
-from dash_storage.database import Connection, Database
-from dash_storage.errors import (
+from dash_storage.core import validation as v
+from dash_storage.core.database import Connection, Database
+from dash_storage.core.errors import (
     ConflictError,
     DashStorageError,
     DatabaseError,
@@ -40,8 +40,8 @@ from dash_storage.errors import (
     SerializationConflictError,
     ValidationError,
 )
-from dash_storage.ids import new_id
-from dash_storage.models import (
+from dash_storage.core.ids import new_id
+from dash_storage.core.models import (
     EVENT_COLUMNS,
     EntityType,
     Event,

@@ -13,11 +13,11 @@ import functools
 import uuid
 from typing import Any
 
-from dash_storage import validation as v
-from dash_storage.database import Connection
-from dash_storage.errors import ConflictError, ValidationError
-from dash_storage.ids import new_id
-from dash_storage.models import SESSION_COLUMNS, UNSET, Session, Unset
+from dash_storage.core import validation as v
+from dash_storage.core.database import Connection
+from dash_storage.core.errors import ConflictError, ValidationError
+from dash_storage.core.ids import new_id
+from dash_storage.core.models import SESSION_COLUMNS, UNSET, Session, Unset
 from dash_storage.repositories.base import Repository, written_by_us
 
 __all__ = ["MAX_TTL_SECONDS", "SESSION_ORDER_COLUMNS", "SessionRepository"]

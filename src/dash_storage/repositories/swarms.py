@@ -15,11 +15,11 @@ import uuid
 from dataclasses import fields
 from typing import Any
 
-from dash_storage import validation as v
-from dash_storage.database import Connection
-from dash_storage.errors import ConflictError, ValidationError
-from dash_storage.ids import new_id
-from dash_storage.models import SWARM_COLUMNS, UNSET, Swarm, SwarmStatus, SwarmSummary, Unset
+from dash_storage.core import validation as v
+from dash_storage.core.database import Connection
+from dash_storage.core.errors import ConflictError, ValidationError
+from dash_storage.core.ids import new_id
+from dash_storage.core.models import SWARM_COLUMNS, UNSET, Swarm, SwarmStatus, SwarmSummary, Unset
 from dash_storage.repositories.base import Repository, written_by_us
 
 __all__ = ["FINAL_SWARM_STATUSES", "SWARM_ORDER_COLUMNS", "SwarmRepository"]

@@ -12,7 +12,7 @@ from collections.abc import Collection, Iterable, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from dash_storage.errors import ValidationError
+from dash_storage.core.errors import ValidationError
 
 __all__ = [
     "MAX_JSON_BYTES",

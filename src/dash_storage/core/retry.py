@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from dash_storage.errors import (
+from dash_storage.core.errors import (
     DashStorageError,
     connection_lost,
     is_driver_error,
@@ -30,7 +30,7 @@ from dash_storage.errors import (
 __all__ = ["RetryPolicy", "exhausted", "is_transient", "retry_call"]
 
 T = TypeVar("T")
-log = logging.getLogger("dash_storage.retry")
+log = logging.getLogger("dash_storage.core.retry")
 
 
 @dataclass(frozen=True, slots=True)

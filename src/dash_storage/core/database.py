@@ -23,57 +23,40 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
-import orjson
-from asyncpg.pool import PoolConnectionProxy
 
-from dash_storage import driver, embedded
-from dash_storage.config import Settings, load_settings
-from dash_storage.errors import (
+from dash_storage.core import driver
+from dash_storage.core.config import Settings, load_settings
+from dash_storage.core.connections import (
+    Acquired,
+    Connection,
+    Record,
+    Transaction,
+    discard,
+    init_connection,
+    keep_session,
+    release,
+    untouched,
+)
+from dash_storage.core.errors import (
     ConfigurationError,
     ConnectionLostError,
     DashStorageError,
     DatabaseUnavailableError,
     PoolExhaustedError,
-    ended_while_idle,
     is_driver_error,
     is_transient,
     map_error,
-    never_sent,
 )
-from dash_storage.retry import RetryPolicy, retry_call
+from dash_storage.core.retry import RetryPolicy, retry_call
+from dash_storage.server import embedded, provision
 
-__all__ = ["Database", "HealthReport", "PoolStats", "get_database", "reset_database"]
+__all__ = ["Connection", "Database", "HealthReport", "PoolStats", "Record", "get_database", "reset_database"]
 
 T = TypeVar("T")
-Record = asyncpg.Record
-#: A pooled connection, as handed out by ``acquire``/``transaction``/``run``.
-Connection: TypeAlias = "PoolConnectionProxy[Record]"
 log = logging.getLogger("dash_storage")
-
-
-def _json_dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
-
-
-async def _init_connection(con: asyncpg.Connection[Record]) -> None:
-    # JSON/JSONB in and out as Python objects, once per connection.
-    for typename in ("json", "jsonb"):
-        await con.set_type_codec(
-            typename, schema="pg_catalog", encoder=_json_dumps, decoder=orjson.loads, format="text"
-        )
-
-
-async def _keep_session(con: asyncpg.Connection[Record]) -> None:
-    """Pool reset hook: do nothing.
-
-    asyncpg's default reset sends ``RESET ALL; UNLISTEN *; ...`` on every release, one extra round
-    trip per call. The repositories never change session state (advisory locks are taken on
-    dedicated connections), and asyncpg still rolls back any transaction left open before this hook.
-    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,154 +76,6 @@ class HealthReport:
     server_version: str | None
     database: str | None
     error: str | None = None
-
-
-def _discard(con: Connection) -> None:
-    """Close a connection that failed transiently, so a dying connection never goes back to the pool."""
-    try:
-        con.terminate()
-    except asyncpg.InterfaceError:
-        pass  # already closed and handed back by asyncpg's own cleanup
-
-
-async def _release(pool: asyncpg.Pool, con: Connection) -> None:
-    """Give ``con`` back. A failure here (the reset of a broken connection) is not the caller's:
-    asyncpg has then terminated the connection, and the pool replaces it."""
-    try:
-        await pool.release(con)
-    except Exception as exc:
-        if not is_driver_error(exc):
-            raise
-        log.debug("connection dropped on release: %s", type(exc).__name__)
-
-
-def _untouched(con: Connection, mark: driver.Mark, exc: BaseException, *, single: bool) -> bool:
-    """True when ``exc`` is ``con`` found dead before it sent anything since ``mark``.
-
-    Then nothing was applied and the same work can go to another connection, whatever it is.
-    ``single``: the work is one statement, so the driver's "never sent" signals suffice when the
-    count is unavailable.
-    """
-    if isinstance(exc, DashStorageError) or not is_transient(exc):
-        return False
-    if not (never_sent(exc) or driver.is_closed(con)):
-        return False  # e.g. a timeout: the connection is alive, the statement went out
-    if isinstance(exc, asyncpg.ConnectionDoesNotExistError) and not ended_while_idle(exc):
-        # "Closed in the middle of operation": something was in flight. asyncpg's statement count
-        # does not include COPY, so the count alone cannot prove that nothing was sent.
-        return False
-    if mark is None:
-        return single and never_sent(exc)
-    sent = driver.statements_since(mark)
-    # Or one statement sent, and answered "idle session ended": the server quit before reading it.
-    return sent == 0 or (sent == 1 and ended_while_idle(exc))
-
-
-class _Acquired:
-    """``async with db.acquire() as con``; a class, not a generator, to keep the hot path short.
-
-    After an error, ``untouched`` tells whether the connection was found dead before the block
-    sent anything on it (``run`` then re-runs the block on another connection).
-    """
-
-    __slots__ = ("_con", "_db", "_mark", "_pool", "untouched")
-
-    def __init__(self, db: Database) -> None:
-        self._db = db
-        self._con: Connection | None = None
-        self._pool: asyncpg.Pool | None = None
-        self._mark: driver.Mark = None
-        self.untouched = False
-
-    async def __aenter__(self) -> Connection:
-        self._pool = await self._db.ready()
-        self._con = con = await self._db._acquire(self._pool)
-        self._mark = driver.mark(con)
-        return con
-
-    def remark(self) -> None:
-        """Count "sent" from here on (after BEGIN, which applies nothing)."""
-        assert self._con is not None
-        self._mark = driver.mark(self._con)
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        assert self._pool is not None and self._con is not None
-        if e is not None and is_transient(e):
-            self.untouched = _untouched(self._con, self._mark, e, single=False)
-            _discard(self._con)
-        await _release(self._pool, self._con)
-        if e is not None and is_driver_error(e):
-            if driver.message_is_released_proxy(e):
-                # We never release inside the block: asyncpg detached the proxy because the
-                # server closed the connection between two statements of the block.
-                raise ConnectionLostError(
-                    "the server ended the connection between two statements of this block; "
-                    "what the block sent before may or may not have taken effect"
-                ) from e
-            raise map_error(e) from e
-
-
-class _Transaction:
-    """``async with db.transaction() as con``: commit on success, roll back on any exception.
-
-    A connection found dead at BEGIN is replaced (BEGIN applies nothing, and the block has not run).
-    """
-
-    __slots__ = ("_acq", "_db", "_isolation", "_tx")
-
-    def __init__(self, db: Database, isolation: str | None) -> None:
-        self._db = db
-        self._acq = _Acquired(db)
-        self._isolation = isolation
-        self._tx: Any = None
-
-    @property
-    def untouched(self) -> bool:
-        return self._acq.untouched
-
-    async def __aenter__(self) -> Connection:
-        for _ in range(self._db._replay_limit + 1):
-            con = await self._acq.__aenter__()
-            try:
-                self._tx = con.transaction(isolation=self._isolation)  # type: ignore[arg-type]
-                await self._tx.start()
-            except BaseException as exc:
-                dead = isinstance(exc, Exception) and is_transient(exc) and driver.is_closed(con)
-                try:
-                    await self._acq.__aexit__(type(exc), exc, None)
-                except DashStorageError:
-                    if not dead:
-                        raise
-                    self._acq = _Acquired(self._db)
-                    continue
-                raise
-            self._acq.remark()
-            return con
-        raise DatabaseUnavailableError("every connection was closed by the server at BEGIN")
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        try:
-            if e is None:
-                await self._tx.commit()
-            else:
-                await self._tx.rollback()
-        except BaseException as exc:
-            # Also on cancellation during ROLLBACK: the connection must go back to the pool.
-            if e is not None and isinstance(exc, Exception):
-                # The ROLLBACK failed because the block's own error broke the connection (e.g. it
-                # was lost mid-COPY): report the block's error, which says what really happened
-                # and may be retryable, not the rollback's "another operation is in progress".
-                if self._acq._con is not None:
-                    _discard(self._acq._con)
-                await self._acq.__aexit__(et, e, tb)
-                return  # not a driver error: the caller's own exception propagates unchanged
-            await self._acq.__aexit__(type(exc), exc, None)
-            raise
-        await self._acq.__aexit__(et, e, tb)
 
 
 class Database:
@@ -327,8 +162,8 @@ class Database:
                     min_size=s.postgres_min_pool_size,
                     max_size=s.postgres_max_pool_size,
                     max_inactive_connection_lifetime=s.idle_timeout_s,
-                    init=_init_connection,
-                    reset=_keep_session,
+                    init=init_connection,
+                    reset=keep_session,
                     server_settings={"application_name": "dash-storage"},
                     # Bounds every statement on a pooled connection, and asyncpg's cancel request
                     # and reset on release, so a stalled connection cannot hold a caller forever.
@@ -385,12 +220,12 @@ class Database:
             return s.connect_kwargs(database=database)
         server = await self.start_embedded()
         name = database or s.postgres_db
-        await _ensure_database(server, name, s.connection_timeout_s)
+        await provision.ensure_database(server, name, s.connection_timeout_s)
         return {**server.connect_kwargs(name), "timeout": s.connection_timeout_s}
 
     async def start_embedded(self) -> embedded.EmbeddedServer:
         if self.embedded_server is None:
-            self.embedded_server = await asyncio.to_thread(embedded.start, self.settings.dash_data_dir)
+            self.embedded_server = await provision.start_embedded(self.settings.dash_data_dir)
         return self.embedded_server
 
     async def connect(self, database: str | None = None) -> asyncpg.Connection[Record]:
@@ -402,7 +237,7 @@ class Database:
                 con: asyncpg.Connection[Record] = await asyncpg.connect(**kwargs)
             except TimeoutError as exc:
                 raise self._connect_timeout() from exc
-            await _init_connection(con)
+            await init_connection(con)
             return con
 
         try:
@@ -446,8 +281,8 @@ class Database:
             if not driver.gone_while_idle(con):
                 return con
             log.debug("pooled connection was closed by the server while idle; replacing it")
-            _discard(con)
-            await _release(pool, con)
+            discard(con)
+            await release(pool, con)
         return await self._checkout(pool)
 
     async def _checkout(self, pool: asyncpg.Pool) -> Connection:
@@ -484,16 +319,16 @@ class Database:
         finally:
             self._waiting -= 1
 
-    def acquire(self) -> _Acquired:
+    def acquire(self) -> Acquired:
         """``async with db.acquire() as con``: one pooled connection, released on exit.
 
         Raises PoolExhaustedError if none frees up within POSTGRES_CONNECTION_TIMEOUT.
         """
-        return _Acquired(self)
+        return Acquired(self)
 
-    def transaction(self, *, isolation: str | None = None) -> _Transaction:
+    def transaction(self, *, isolation: str | None = None) -> Transaction:
         """``async with db.transaction() as con``: a pooled connection inside one transaction."""
-        return _Transaction(self, isolation)
+        return Transaction(self, isolation)
 
     # -- one-statement helpers ----------------------------------------------------------------
 
@@ -516,13 +351,13 @@ class Database:
             except Exception as exc:
                 if not is_transient(exc):
                     raise map_error(exc) from exc
-                unsent = _untouched(con, mark, exc, single=True)
-                _discard(con)
+                unsent = untouched(con, mark, exc, single=True)
+                discard(con)
                 if not unsent or replays >= self._replay_limit:
                     raise map_error(exc) from exc
                 log.debug("pooled connection was dead (%s); using another", type(exc).__name__)
             finally:
-                await _release(pool, con)
+                await release(pool, con)
             replays += 1
 
     async def _call(
@@ -569,7 +404,7 @@ class Database:
             # A connection found dead before ``fn`` sent anything on it is replaced: nothing was
             # applied, so this is not a retry and holds for any ``fn``.
             for replay in range(self._replay_limit + 1):
-                ctx = _Transaction(self, None) if transaction else _Acquired(self)
+                ctx = Transaction(self, None) if transaction else Acquired(self)
                 try:
                     async with ctx as con:
                         return await fn(con, attempt)
@@ -616,34 +451,6 @@ class Database:
             server_version=row["v"],
             database=row["d"],
         )
-
-
-async def _ensure_database(server: embedded.EmbeddedServer, name: str, timeout: float) -> None:
-    """On the embedded server, create the configured database on first use.
-
-    Several processes may start at once on a fresh data directory (two commands in two terminals):
-    a concurrent CREATE DATABASE of the same name fails with a duplicate (or, when both passed the
-    existence check together, a unique violation on the catalog), which means it exists now.
-    """
-    try:
-        con: asyncpg.Connection[Record] = await asyncpg.connect(
-            **server.connect_kwargs("postgres"), timeout=timeout
-        )
-        try:
-            exists = await con.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
-            if not exists:
-                # Identifiers cannot be parameters; quote_ident on the server makes the name safe.
-                ident = await con.fetchval("SELECT quote_ident($1)", name)
-                try:
-                    await con.execute(f"CREATE DATABASE {ident}")
-                except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
-                    pass  # created by a concurrent process
-        finally:
-            await con.close()
-    except Exception as exc:
-        if not is_driver_error(exc):
-            raise
-        raise map_error(exc, context=f"creating database {name!r} on the embedded server") from exc
 
 
 def _with_flags(new: DashStorageError, old: DashStorageError) -> DashStorageError:

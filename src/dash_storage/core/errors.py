@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from dash_storage import driver
+from dash_storage.core import driver
 
 __all__ = [
     "CommandTimeoutError",

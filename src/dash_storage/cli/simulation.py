@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from dash_storage import validation as v
-from dash_storage.database import Database
-from dash_storage.errors import ValidationError
-from dash_storage.models import AgentActivity, EventTypeStats, SwarmSummary
+from dash_storage.core import validation as v
+from dash_storage.core.database import Database
+from dash_storage.core.errors import ValidationError
+from dash_storage.core.models import AgentActivity, EventTypeStats, SwarmSummary
 from dash_storage.repositories.agents import AgentRepository
 from dash_storage.repositories.budgets import BudgetRepository
 from dash_storage.repositories.events import EventRepository

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dash_storage.errors import ConfigurationError, DatabaseUnavailableError
+from dash_storage.core.errors import ConfigurationError, DatabaseUnavailableError
 
 __all__ = ["EmbeddedServer", "start", "status", "stop"]
 

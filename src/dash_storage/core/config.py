@@ -1,7 +1,7 @@
 """Settings, read once from the environment and a ``.env`` file in the working directory.
 
 The environment wins over ``.env``. Every value is validated when the settings are built; a bad
-value raises :class:`~dash_storage.errors.ConfigurationError` naming the variable. Secrets
+value raises :class:`~dash_storage.core.errors.ConfigurationError` naming the variable. Secrets
 (POSTGRES_PASSWORD, DATABASE_URL, REDIS_URL credentials) never appear in ``repr()`` or messages.
 """
 
@@ -17,7 +17,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dash_storage.errors import ConfigurationError, register_secret, scrub
+from dash_storage.core.errors import ConfigurationError, register_secret, scrub
 
 __all__ = ["SSL_MODES", "Settings", "load_settings"]
 

@@ -1,0 +1,1 @@
+"""Where the database server comes from when none is configured: the embedded PostgreSQL."""
