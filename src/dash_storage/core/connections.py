@@ -8,6 +8,8 @@ another connection without it counting as a retry.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -39,6 +41,7 @@ __all__ = [
     "init_connection",
     "keep_session",
     "release",
+    "transaction_on",
     "untouched",
 ]
 
@@ -215,3 +218,24 @@ class Transaction:
             await self._acq.__aexit__(type(exc), exc, None)
             raise
         await self._acq.__aexit__(et, e, tb)
+
+
+@asynccontextmanager
+async def transaction_on(con: Connection) -> AsyncIterator[Connection]:
+    """A transaction on a connection the caller already holds: commit on success; on any error,
+    roll back without letting the rollback's own failure hide the first error.
+
+    Not ``async with con.transaction()``: when the connection dies in the middle (say mid-COPY),
+    the rollback fails too ("another operation is in progress"), and that must not replace the
+    lost-connection error that makes the attempt worth retrying. A connection left in a
+    transaction is rolled back by the pool on release, or discarded if broken.
+    """
+    tx = con.transaction()
+    await tx.start()
+    try:
+        yield con
+    except BaseException:
+        with suppress(Exception):
+            await tx.rollback()
+        raise
+    await tx.commit()

@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from typing import Final
 
+from dash_storage.core.connections import transaction_on
 from dash_storage.core.database import Connection, Database
 from dash_storage.legacy.mapping import AgentRef, SwarmRef, legacy_uuid
 from dash_storage.legacy.report import Batch
@@ -208,12 +209,7 @@ async def write_events(con: Connection, batch: Batch, dry_run: bool) -> int:
         distinct = list(dict.fromkeys(batch.ids))
         present = await con.fetchval(COUNT_EVENTS_SQL, distinct)
         return len(distinct) - int(present)
-    # Not `async with con.transaction()`: when the connection dies mid-COPY, its rollback fails
-    # with "another operation is in progress" and that error would hide the original one
-    # (a lost connection, which is retried).
-    tx = con.transaction()
-    await tx.start()
-    try:
+    async with transaction_on(con):
         await con.copy_records_to_table(
             EVENTS_STAGE_TABLE,
             records=batch.records,
@@ -221,11 +217,6 @@ async def write_events(con: Connection, batch: Batch, dry_run: bool) -> int:
             schema_name=EVENTS_STAGE_SCHEMA,
         )
         status = await con.execute(INSERT_EVENTS_FROM_STAGE_SQL)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await tx.rollback()
-        raise
-    await tx.commit()
     return _rowcount(status)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
-import contextlib
 import datetime as dt
 import functools
 import re
@@ -31,6 +30,7 @@ import asyncpg
 import orjson
 
 from dash_storage.core import validation as v
+from dash_storage.core.connections import transaction_on
 from dash_storage.core.database import Connection, Database
 from dash_storage.core.errors import (
     ConflictError,
@@ -691,20 +691,8 @@ async def _copy_attempt(
     rows: Sequence[_Row], payloads: Sequence[bytes], con: Connection, attempt: int
 ) -> list[Event]:
     """One transaction: read now(), binary COPY, commit."""
-    tx = con.transaction()
-    await tx.start()
-    try:
-        events = await _copy_in_transaction(rows, payloads, con, attempt)
-    except BaseException:
-        # Roll back, but let the original error decide what happens next: when the connection was
-        # lost mid-COPY the rollback fails too ("another operation is in progress"), and that
-        # must not hide the transient error that makes the attempt worth retrying. (A connection
-        # left in a transaction is rolled back by the pool on release, or discarded if broken.)
-        with contextlib.suppress(Exception):
-            await tx.rollback()
-        raise
-    await tx.commit()
-    return events
+    async with transaction_on(con):
+        return await _copy_in_transaction(rows, payloads, con, attempt)
 
 
 async def _copy_in_transaction(
