@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test soak reliability lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,9 +23,19 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # The whole suite: lint, types, then every test against a real PostgreSQL (the configured server,
-# else an embedded one) and the end-to-end tests on the embedded server.
+# else an embedded one) and the end-to-end tests on the embedded server. The fault loops (tests
+# marked soak) run at a small size here. Writes no tracked file.
 test: lint typecheck
 	$(BIN)/python -m pytest
+
+# The fault loops at full size (DASH_SOAK=1): the same checks on several times the operations.
+soak: $(STAMP)
+	DASH_SOAK=1 $(BIN)/python -m pytest -m soak
+
+# Runs every test marked reliability and, if all of them pass, rewrites RELIABILITY.md from what
+# they recorded. (DASH_SOAK=1 make reliability records the fault loops at full size.)
+reliability: $(STAMP)
+	$(BIN)/python -m pytest -m reliability --reliability-report=RELIABILITY.md
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

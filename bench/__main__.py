@@ -19,6 +19,7 @@ BENCHES = {
     "hot-budget": "bench.hot_budget",
     "queries": "bench.queries",
     "ingest": "bench.ingest",
+    "stream": "bench.stream",
 }
 DOC = ROOT / "BENCHMARKS.md"
 HEADER = """# Benchmarks

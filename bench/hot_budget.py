@@ -118,7 +118,7 @@ async def run(total: int = 10_000, agents: int = 50, pool_size: int = 20, rounds
         )
     return "\n".join(
         [
-            "## Hot budgets: one budget, many agents (issue 6)",
+            "## Hot budgets: one budget, many agents",
             "",
             f"Measured {today()} on {machine()}, PostgreSQL {version}, uvloop. "
             "Command: `python -m bench hot-budget`.",

@@ -31,15 +31,15 @@ from pathlib import Path
 import asyncpg
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests.legacy_factory
+sys.path.insert(0, str(ROOT))  # bench, when run as a script
 sys.path.insert(0, str(ROOT / "src"))
 
 from bench.common import RESULTS, scratch_database  # noqa: E402
+from bench.legacy_factory import build_legacy_file  # noqa: E402
 from dash_storage.cli.common import run as run_loop  # noqa: E402
 from dash_storage.core.database import Database  # noqa: E402
 from dash_storage.core.models import Event  # noqa: E402
 from dash_storage.legacy import import_sqlite  # noqa: E402
-from tests.legacy_factory import build_legacy_file  # noqa: E402
 
 BENCH_DB = "dash_bench_import"
 EVENT_COLUMNS = Event._fields
@@ -109,7 +109,7 @@ async def run(
     ev = first.tables["events"]
     raw_rate = copied / copy_seconds if copy_seconds else 0.0
     lines = [
-        "## import-sqlite: legacy dash.db → PostgreSQL (issue 5)",
+        "## import-sqlite: legacy dash.db → PostgreSQL",
         "",
         f"- machine: `{platform.machine()}`, {os.cpu_count()} CPUs, PostgreSQL {server_version} "
         f"(schema from migrations), asyncpg {asyncpg.__version__}, Python {platform.python_version()}",

@@ -41,7 +41,8 @@ if __package__ in (None, ""):  # run as a script
 from bench.common import machine, raw_pool, scratch_database, server_version, today
 from dash_storage.core.database import Database
 from dash_storage.core.ids import new_id
-from dash_storage.repositories import events as event_sql
+from dash_storage.repositories import event_copy, event_ingest
+from dash_storage.repositories.event_input import MAX_BATCH as MAX_EVENTS_PER_CALL
 from dash_storage.repositories.event_writer import EventWriter
 from dash_storage.repositories.events import EventRepository
 
@@ -50,7 +51,7 @@ MAX_BATCH = 500
 WRITER_CONCURRENCY = 2
 THRESHOLD_SIZES = (8, 16, 32, 64, 128, 256)
 TYPES = ["agent.spawned", "agent.step", "llm.call", "agent.completed"]
-RAW_COPY_COLUMNS = [c for c in event_sql.COPY_COLUMNS if c != "timestamp"]
+RAW_COPY_COLUMNS = [c for c in event_copy.COPY_COLUMNS if c != "timestamp"]
 
 Case = Callable[[int], Awaitable[float]]  # (number of events) -> events per second
 
@@ -100,11 +101,15 @@ async def rounds(db: Database, cases: dict[str, tuple[Case, int]], n: int) -> di
     return {name: statistics.median(values) for name, values in results.items()}
 
 
+PARTS = ("writer", "bulk", "threshold")
+
+
 async def run(
     events: int = 100_000,
     batch_ops: int = 50,
     n_rounds: int = 3,
     database: str = "dash_bench_ingest",
+    parts: tuple[str, ...] = PARTS,
 ) -> str:
     async with scratch_database(database, postgres_min_pool_size=16, postgres_max_pool_size=16) as db:
         version = await server_version(db)
@@ -135,7 +140,7 @@ async def run(
         async def raw_copy(first: int, n: int) -> None:
             async with copy_pool.acquire() as con:
                 await con.copy_records_to_table(
-                    event_sql.COPY_TABLE, records=raw_records(first, n), columns=RAW_COPY_COLUMNS
+                    event_copy.COPY_TABLE, records=raw_records(first, n), columns=RAW_COPY_COLUMNS
                 )
 
         def through_writer(workers: int) -> Case:
@@ -154,7 +159,7 @@ async def run(
                 n,
                 PRODUCERS,
                 lambda i: insert_pool.fetchrow(
-                    event_sql.INSERT_EVENT,
+                    event_ingest.INSERT_EVENT,
                     *(new_id(), swarm, None, TYPES[i % 4], payload(i), None, None, None, "agent", "info"),
                 ),
             )
@@ -165,18 +170,20 @@ async def run(
         async def raw_copy_500(n: int) -> float:
             return await batches(n, MAX_BATCH, WRITER_CONCURRENCY, raw_copy)
 
-        single = await rounds(
-            db,
-            {
-                "writer": (through_writer(PRODUCERS), events),
-                "writer512": (through_writer(512), events),
-                "insert": (raw_insert, events // 4),  # the slow one: fewer events, same rate
-                "copy64": (raw_copy_64, events),
-                "copy500": (raw_copy_500, events),
-            },
-            n_rounds,
-        )
-        print(f"  producers: { {k: round(v) for k, v in single.items()} }", flush=True)
+        single: dict[str, float] = {}
+        if "writer" in parts:
+            single = await rounds(
+                db,
+                {
+                    "writer": (through_writer(PRODUCERS), events),
+                    "writer512": (through_writer(512), events),
+                    "insert": (raw_insert, events // 4),  # the slow one: fewer events, same rate
+                    "copy64": (raw_copy_64, events),
+                    "copy500": (raw_copy_500, events),
+                },
+                n_rounds,
+            )
+            print(f"  producers: { {k: round(v) for k, v in single.items()} }", flush=True)
 
         def items(first: int, n: int) -> list[dict[str, Any]]:
             return [
@@ -190,26 +197,28 @@ async def run(
         async def raw_copy_1000(n: int) -> float:
             return await batches(n, 1000, 1, raw_copy)
 
-        bulk = await rounds(
-            db,
-            {"create_many": (create_many_1000, batch_ops * 1000), "copy": (raw_copy_1000, batch_ops * 1000)},
-            n_rounds,
-        )
-        print(f"  create_many: { {k: round(v) for k, v in bulk.items()} }", flush=True)
+        bulk: dict[str, float] = {}
+        if "bulk" in parts:
+            bulk = await rounds(
+                db,
+                {"create_many": (create_many_1000, batch_ops * 1000), "copy": (raw_copy_1000, batch_ops * 1000)},
+                n_rounds,
+            )
+            print(f"  create_many: { {k: round(v) for k, v in bulk.items()} }", flush=True)
 
         def forced(size: int, copy: bool) -> Case:
             async def case(n: int) -> float:
-                saved = event_sql.COPY_MIN_BATCH
-                event_sql.COPY_MIN_BATCH = 1 if copy else event_sql.MAX_BATCH + 1
+                saved = event_ingest.COPY_MIN_BATCH
+                event_ingest.COPY_MIN_BATCH = 1 if copy else MAX_EVENTS_PER_CALL + 1
                 try:
                     return await batches(n, size, 1, lambda first, k: repo.create_many(items(first, k)))
                 finally:
-                    event_sql.COPY_MIN_BATCH = saved
+                    event_ingest.COPY_MIN_BATCH = saved
 
             return case
 
         threshold: dict[int, dict[str, float]] = {}
-        for size in THRESHOLD_SIZES:
+        for size in THRESHOLD_SIZES if "threshold" in parts else ():
             n = max(size * 20, 2000)
             got = await rounds(
                 db, {"insert": (forced(size, False), n), "copy": (forced(size, True), n)}, n_rounds
@@ -220,46 +229,56 @@ async def run(
         await insert_pool.close()
         await copy_pool.close()
 
-    w, w512, i, c64, c500 = (single[k] for k in ("writer", "writer512", "insert", "copy64", "copy500"))
-    m, mc = bulk["create_many"], bulk["copy"]
     lines = [
-        "## Event ingest: batching writer and COPY (issue 6)",
+        "## Event ingest: batching writer and COPY",
         "",
         f"Measured {today()} on {machine()}, PostgreSQL {version}, uvloop. Command: `make bench`.",
         f"Median of {n_rounds} interleaved rounds, `events` emptied before each; {events:,} events per",
         f"round (raw single-row INSERT: {events // 4:,}). Every commit is durable (synchronous_commit on).",
         f"The writer is `EventWriter(max_batch={MAX_BATCH}, max_concurrency={WRITER_CONCURRENCY})`.",
         "",
-        "| way to write | events/s | vs raw COPY ×500 | vs raw COPY ×64 | vs raw INSERT |",
-        "|---|---:|---:|---:|---:|",
-        f"| `EventWriter.create`, {PRODUCERS} producers one at a time | {w:,.0f} | {w / c500:.2f}x "
-        f"| {w / c64:.2f}x | {w / i:.2f}x |",
-        f"| `EventWriter.create`, 512 producers one at a time | {w512:,.0f} | {w512 / c500:.2f}x "
-        f"| {w512 / c64:.2f}x | {w512 / i:.2f}x |",
-        f"| raw asyncpg single-row INSERT, {PRODUCERS} producers, pool of 16 | {i:,.0f} | {i / c500:.2f}x "
-        f"| {i / c64:.2f}x | 1.00x |",
-        f"| raw asyncpg COPY, batches of {PRODUCERS}, one connection | {c64:,.0f} | {c64 / c500:.2f}x "
-        f"| 1.00x | {c64 / i:.2f}x |",
-        f"| raw asyncpg COPY, batches of {MAX_BATCH}, {WRITER_CONCURRENCY} connections | {c500:,.0f} | 1.00x "
-        f"| {c500 / c64:.2f}x | {c500 / i:.2f}x |",
-        "",
-        f"{PRODUCERS} producers that each await their event never have more than {PRODUCERS} events",
-        f"outstanding, so no writer can commit more than {PRODUCERS} at a time, and every commit waits for",
-        f'a WAL flush, which raw COPY in batches of {MAX_BATCH} pays once per {MAX_BATCH} rows. "vs raw COPY',
-        f'×{PRODUCERS}" compares with COPY of the batches these producers can form; with more producers',
-        "outstanding the writer's batches grow (the 512-producer row).",
-        "",
-        "| bulk write | events/s | vs raw COPY of 1000 rows |",
-        "|---|---:|---:|",
-        f"| `EventRepository.create_many(1000)`, one call at a time | {m:,.0f} | {m / mc:.2f}x |",
-        f"| raw asyncpg `copy_records_to_table` of 1000 rows, one at a time | {mc:,.0f} | 1.00x |",
-        "",
-        f"Choosing the path (`COPY_MIN_BATCH` = {event_sql.COPY_MIN_BATCH}): `create_many(n)` forced through",
-        "each, one call at a time.",
-        "",
-        "| n | one INSERT over arrays | BEGIN / now() / COPY / COMMIT | COPY / INSERT |",
-        "|---:|---:|---:|---:|",
     ]
+    if single:
+        w, w512, i, c64, c500 = (single[k] for k in ("writer", "writer512", "insert", "copy64", "copy500"))
+        lines += [
+            "| way to write | events/s | vs raw COPY ×500 | vs raw COPY ×64 | vs raw INSERT |",
+            "|---|---:|---:|---:|---:|",
+            f"| `EventWriter.create`, {PRODUCERS} producers one at a time | {w:,.0f} | {w / c500:.2f}x "
+            f"| {w / c64:.2f}x | {w / i:.2f}x |",
+            f"| `EventWriter.create`, 512 producers one at a time | {w512:,.0f} | {w512 / c500:.2f}x "
+            f"| {w512 / c64:.2f}x | {w512 / i:.2f}x |",
+            f"| raw asyncpg single-row INSERT, {PRODUCERS} producers, pool of 16 | {i:,.0f} | {i / c500:.2f}x "
+            f"| {i / c64:.2f}x | 1.00x |",
+            f"| raw asyncpg COPY, batches of {PRODUCERS}, one connection | {c64:,.0f} | {c64 / c500:.2f}x "
+            f"| 1.00x | {c64 / i:.2f}x |",
+            f"| raw asyncpg COPY, batches of {MAX_BATCH}, {WRITER_CONCURRENCY} connections | {c500:,.0f} | 1.00x "
+            f"| {c500 / c64:.2f}x | {c500 / i:.2f}x |",
+            "",
+            f"{PRODUCERS} producers that each await their event never have more than {PRODUCERS} events",
+            f"outstanding, so no writer can commit more than {PRODUCERS} at a time, and every commit waits for",
+            f'a WAL flush, which raw COPY in batches of {MAX_BATCH} pays once per {MAX_BATCH} rows. "vs raw COPY',
+            f'×{PRODUCERS}" compares with COPY of the batches these producers can form; with more producers',
+            "outstanding the writer's batches grow (the 512-producer row).",
+            "",
+        ]
+    if bulk:
+        m, mc = bulk["create_many"], bulk["copy"]
+        lines += [
+            "| bulk write | events/s | vs raw COPY of 1000 rows |",
+            "|---|---:|---:|",
+            f"| `EventRepository.create_many(1000)`, one call at a time | {m:,.0f} | {m / mc:.2f}x |",
+            f"| raw asyncpg `copy_records_to_table` of 1000 rows, one at a time | {mc:,.0f} | 1.00x |",
+            "",
+        ]
+    if threshold:
+        lines += [
+            f"Choosing the path (`COPY_MIN_BATCH` = {event_ingest.COPY_MIN_BATCH}): `create_many(n)` "
+            "forced through",
+            "each, one call at a time.",
+            "",
+            "| n | one INSERT over arrays | BEGIN / now() / COPY / COMMIT | COPY / INSERT |",
+            "|---:|---:|---:|---:|",
+        ]
     for size, got in threshold.items():
         ins, copy = got["insert"], got["copy"]
         lines.append(f"| {size} | {ins:,.0f} ev/s | {copy:,.0f} ev/s | {copy / ins:.2f}x |")
@@ -277,8 +296,16 @@ def main() -> None:
     parser.add_argument("--batch-ops", type=int, default=50, help="create_many(1000) calls per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--database", default="dash_bench_ingest")
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated, of {', '.join(PARTS)} (default: all)",
+    )
     args = parser.parse_args()
-    print(run_loop(run(args.events, args.batch_ops, args.rounds, args.database)))
+    parts = tuple(p for p in args.parts.split(",") if p)
+    if unknown := set(parts) - set(PARTS):
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
+    print(run_loop(run(args.events, args.batch_ops, args.rounds, args.database, parts)))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Queries at scale (issue 6): the hot reads on a big event log, against raw asyncpg.
+"""Queries at scale: the hot reads on a big event log, against raw asyncpg.
 
     python -m bench queries                                   # full size: 10,000,000 events
     python -m bench.queries --events 200000 --swarms 100      # a quick run while developing
@@ -35,6 +35,7 @@ import orjson
 
 from bench.common import machine, raw_pool, scratch_database, server_version, today
 from dash_storage.core.database import Database
+from dash_storage.repositories import event_filters
 from dash_storage.repositories import events as event_sql
 from dash_storage.repositories.events import EventRepository
 
@@ -295,16 +296,9 @@ async def run(
         pick_agent = [rng.choice(agent_ids) for _ in range(calls)]
         since = await db.fetchval("SELECT now() - interval '24 hours'")
         # The repositories' own SQL (tests/integration/test_query_plans.py checks it is what they send).
-        filter_sql = event_sql._select_sql(
-            event_sql._where(True, False, True, False, False, True, False, after=None, first_param=2), "ASC"
-        )
-        no_since_sql = event_sql._select_sql(
-            event_sql._where(True, False, True, False, False, False, False, after=None, first_param=2), "ASC"
-        )
-        agent_sql = event_sql._select_sql(
-            event_sql._where(False, True, False, False, False, False, False, after=None, first_param=2),
-            "DESC",
-        )
+        filter_sql = event_filters.select_sql(("swarm_id", "types", "since"), "ASC", after=False)
+        no_since_sql = event_filters.select_sql(("swarm_id", "types"), "ASC", after=False)
+        agent_sql = event_filters.select_sql(("agent_id",), "DESC", after=False)
         stats_args = (24 * 3600.0,)
 
         cases: list[tuple[str, Any, Any, int, str, tuple[Any, ...]]] = [
@@ -362,7 +356,7 @@ async def run(
         await pool.close()
     return "\n".join(
         [
-            "## Queries at scale (issue 6)",
+            "## Queries at scale",
             "",
             f"Measured {today()} on {machine()}, PostgreSQL {version}, uvloop. Command: `make bench`.",
             "",

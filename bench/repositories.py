@@ -26,7 +26,7 @@ from bench.common import (
 )
 from dash_storage.core.ids import new_id
 from dash_storage.repositories import budgets as budget_sql
-from dash_storage.repositories import events as event_sql
+from dash_storage.repositories import event_filters, event_ingest
 from dash_storage.repositories.budgets import BudgetRepository
 from dash_storage.repositories.events import EventRepository
 from dash_storage.repositories.swarms import SwarmRepository
@@ -49,10 +49,7 @@ async def run(total: int = 2000, pool_size: int = 16) -> str:
         ids = [e.id for e in seeded]
         since = seeded[0].timestamp - dt.timedelta(seconds=1)
         pool = await raw_pool(db, min_size=pool_size, max_size=pool_size)
-        filter_sql = event_sql.SELECT_EVENTS_TEMPLATE.format(
-            where=event_sql._where(True, False, True, False, False, True, False, after=None, first_param=2),
-            direction="ASC",
-        )
+        filter_sql = event_filters.select_sql(("swarm_id", "types", "since"), "ASC", after=False)
         batch = [{"swarm_id": swarm.id, "type": "llm.call", "payload": {"tokens": 10}} for _ in range(100)]
 
         def batch_columns() -> list[list[Any]]:
@@ -77,7 +74,7 @@ async def run(total: int = 2000, pool_size: int = 16) -> str:
                 "events.create",
                 lambda i: events.create(swarm.id, "agent.step", payload={"i": i}),
                 lambda i: pool.fetchrow(
-                    event_sql.INSERT_EVENT,
+                    event_ingest.INSERT_EVENT,
                     new_id(),
                     swarm.id,
                     None,
@@ -94,7 +91,7 @@ async def run(total: int = 2000, pool_size: int = 16) -> str:
             (
                 "events.find_by_id",
                 lambda i: events.find_by_id(ids[i % len(ids)]),
-                lambda i: pool.fetchrow(event_sql.SELECT_EVENT_BY_ID, ids[i % len(ids)]),
+                lambda i: pool.fetchrow(event_ingest.SELECT_EVENT_BY_ID, ids[i % len(ids)]),
                 total,
             ),
             (
@@ -114,7 +111,7 @@ async def run(total: int = 2000, pool_size: int = 16) -> str:
             (
                 "events.create_many (100 events)",
                 lambda i: events.create_many(batch),
-                lambda i: pool.fetch(event_sql.INSERT_EVENTS, *batch_columns()),
+                lambda i: pool.fetch(event_ingest.INSERT_EVENTS, *batch_columns()),
                 total // 10,
             ),
         ]
@@ -126,7 +123,7 @@ async def run(total: int = 2000, pool_size: int = 16) -> str:
         await pool.close()
     return "\n".join(
         [
-            "## Repositories versus raw asyncpg (issue 4)",
+            "## Repositories versus raw asyncpg",
             "",
             f"Measured {today()} on {machine()}, PostgreSQL {version}, uvloop. Command: `make bench`.",
             "Median of 5 interleaved rounds; the cost ratio is raw throughput / library throughput,",

@@ -4,6 +4,12 @@ The server is the one named by DATABASE_URL / POSTGRES_HOST, else an embedded on
 ``.test-data/``). Tests run in their own database, ``dash_test`` unless DASH_TEST_DATABASE says
 otherwise; it is dropped and re-created (and migrated) once per run, and every table is emptied
 before each test that uses the ``db`` fixture. The user's ``dash`` database is never touched.
+
+Importing this module changes nothing: the environment that subprocesses (``dash-db`` runs) need is
+set when pytest starts (``pytest_configure``) and restored when it ends.
+
+``pytest --reliability-report=RELIABILITY.md`` (what ``make reliability`` runs) also writes the
+findings of the tests marked ``reliability`` to that file; no other run writes it.
 """
 
 from __future__ import annotations
@@ -23,13 +29,17 @@ from dash_storage.migrations.runner import MigrationRunner
 ROOT = Path(__file__).resolve().parents[1]
 TEST_DB = os.environ.get("DASH_TEST_DATABASE", "dash_test")
 
-if TEST_DB == "dash":
-    raise RuntimeError("DASH_TEST_DATABASE must not be 'dash': the tests drop and re-create their database")
+#: The ``make_database`` fixture: ``await make_database(**setting_overrides)``.
+MakeDatabase = Callable[..., Awaitable[Database]]
 
-# Subprocesses (dash-db runs) see the test database too; the embedded server keeps its data here.
-os.environ["POSTGRES_DB"] = TEST_DB
-if not (os.environ.get("DATABASE_URL") or os.environ.get("POSTGRES_HOST")):
-    os.environ.setdefault("DASH_DATA_DIR", str(ROOT / ".test-data" / "embedded"))
+
+def session_environment() -> dict[str, str]:
+    """The variables a test run sets for itself and for the processes it starts: the test database,
+    and (with no server configured) the embedded server's data under ``.test-data/``."""
+    env = {"POSTGRES_DB": TEST_DB}
+    if not (os.environ.get("DATABASE_URL") or os.environ.get("POSTGRES_HOST")):
+        env["DASH_DATA_DIR"] = os.environ.get("DASH_DATA_DIR") or str(ROOT / ".test-data" / "embedded")
+    return env
 
 
 def base_settings(**overrides: Any) -> Settings:
@@ -105,9 +115,7 @@ async def db(database: Database) -> Database:
 
 
 @pytest.fixture
-async def make_database(
-    settings: Settings, database: Database
-) -> AsyncIterator[Callable[..., Awaitable[Database]]]:
+async def make_database(settings: Settings, database: Database) -> AsyncIterator[MakeDatabase]:
     """Build extra Database objects on the test database (created and migrated) with setting
     overrides; closed afterwards."""
     made: list[Database] = []
@@ -123,12 +131,36 @@ async def make_database(
         await d.close()
 
 
-# -- RELIABILITY.md: written only by a whole-suite run (plain `pytest` / `make test`) in which every
-# reliability test ran and passed; a run of some files, or with -k/-m, leaves the file alone. -------
+# -- the session: environment, markers, the reliability report ---------------------------------------
+
+_environment = pytest.MonkeyPatch()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--reliability-report",
+        metavar="PATH",
+        default=None,
+        help="write the findings of the tests marked 'reliability' to PATH (make reliability), "
+        "only if every one of them ran and passed",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "reliability: a fault/input test whose findings go to RELIABILITY.md")
+    config.addinivalue_line(
+        "markers", "soak: a fault loop sized by DASH_SOAK (small in make test, full size in make soak)"
+    )
+    if TEST_DB == "dash":
+        raise pytest.UsageError(
+            "DASH_TEST_DATABASE must not be 'dash': the tests drop and re-create their database"
+        )
+    for name, value in session_environment().items():
+        _environment.setenv(name, value)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _environment.undo()
 
 
 _reliability = {"collected": 0, "passed": 0, "failed": 0}
@@ -148,21 +180,40 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With --reliability-report: write the report when every reliability test of the whole suite
+    ran and passed; otherwise say why not and fail the run."""
+    target = session.config.getoption("reliability_report")
+    if not target:
+        return
     from tests import reliability
 
     config = session.config
-    whole_suite = (
+    why_not = None
+    if not (
         config.args_source == pytest.Config.ArgsSource.TESTPATHS
+        and config.option.markexpr in ("", "reliability")
         and not config.option.keyword
-        and not config.option.markexpr
         and not config.option.deselect
-    )
-    everything_passed = _reliability["passed"] == _reliability["collected"] and not _reliability["failed"]
-    if not (whole_suite and _reliability["collected"] and everything_passed and reliability.FINDINGS):
+    ):
+        why_not = "only a run of every reliability test (no paths, -k, --deselect or other -m) writes it"
+    elif not _reliability["collected"] or not reliability.FINDINGS:
+        why_not = "no reliability test ran"
+    elif _reliability["failed"] or _reliability["passed"] != _reliability["collected"]:
+        passed, failed = _reliability["passed"], _reliability["failed"]
+        skipped = max(0, _reliability["collected"] - passed - failed)
+        why_not = (
+            f"{passed} of {_reliability['collected']} reliability tests passed "
+            f"({failed} failed, {skipped} skipped)"
+        )
+    if why_not is not None:
+        session.config.get_terminal_writer().line(f"\n{target} not written: {why_not}", red=True)
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
         return
     server = os.environ.get("DASH_RELIABILITY_SERVER") or (
         "PostgreSQL server at " + os.environ["POSTGRES_HOST"]
         if os.environ.get("POSTGRES_HOST")
         else "embedded"
     )
-    reliability.DOC.write_text(reliability.render(server))
+    Path(target).write_text(reliability.render(server))
+    session.config.get_terminal_writer().line(f"\nwrote {target}")

@@ -54,6 +54,7 @@ from dash_storage.repositories import (
     SessionRepository,
     SwarmRepository,
 )
+from dash_storage.stream import Follower, Relay, RelayStats
 
 __all__ = [
     "UNSET",
@@ -81,6 +82,7 @@ __all__ = [
     "EventStats",
     "EventTypeStats",
     "EventWriter",
+    "Follower",
     "HealthReport",
     "InvalidTransitionError",
     "LifecycleState",
@@ -89,6 +91,8 @@ __all__ = [
     "NotFoundError",
     "PoolExhaustedError",
     "PoolStats",
+    "Relay",
+    "RelayStats",
     "RetryPolicy",
     "ScopeType",
     "SerializationConflictError",

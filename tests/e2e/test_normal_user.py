@@ -37,9 +37,13 @@ def test_embedded_server_as_an_unprivileged_user() -> None:
 
 def _install_and_run_as_nobody(tmp_path: Path) -> None:
     wheels = tmp_path / "wheels"
-    # Wheels of the project and its dependencies, from root's pip cache (no extra downloads).
+    # Wheels of the project and its dependencies, from root's pip cache (no extra downloads), built
+    # by the interpreter that installs them when it has pip: dependencies chosen by environment
+    # markers (such as python_full_version) must be the ones that interpreter needs.
+    has_pip = subprocess.run([SYSTEM_PYTHON, "-m", "pip", "--version"], capture_output=True, check=False)
+    builder = str(SYSTEM_PYTHON) if has_pip.returncode == 0 else sys.executable
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "-w", str(wheels), str(ROOT)],
+        [builder, "-m", "pip", "wheel", "--quiet", "-w", str(wheels), str(ROOT)],
         check=True,
         timeout=600,
     )

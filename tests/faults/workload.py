@@ -302,17 +302,33 @@ class Workload:
 
 
 @contextlib.asynccontextmanager
-async def terminate_loop(admin: asyncpg.Connection, interval: float) -> AsyncIterator[list[int]]:
+async def terminate_loop(
+    admin: asyncpg.Connection, interval: float, *, calm: tuple[float, float] | None = None
+) -> AsyncIterator[list[int]]:
     """While inside, terminate every pooled 'dash-storage' connection of ``admin``'s database every
-    ``interval`` seconds. Yields a one-item list: how many were terminated so far."""
+    ``interval`` seconds. Yields a one-item list: how many were terminated so far.
+
+    ``calm=(every, length)``: after each ``every`` seconds of killing, kill nothing for ``length``
+    seconds. Work that needs several round trips and a fresh connection (a COPY in a transaction)
+    may never fit between two kills on a busy machine; a calm spell lets it through, so such a test
+    checks what was acknowledged instead of finding nothing acknowledged at all.
+    """
     killed = [0]
     stop = asyncio.Event()
 
+    async def pause(seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+
     async def loop() -> None:
+        clock = asyncio.get_running_loop().time
+        next_calm = clock() + calm[0] if calm else float("inf")
         while not stop.is_set():
             killed[0] += int(await admin.fetchval(KILL_POOL))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+            await pause(interval)
+            if calm and clock() >= next_calm:
+                await pause(calm[1])
+                next_calm = clock() + calm[0]
 
     task = asyncio.create_task(loop())
     try:

@@ -25,31 +25,14 @@ from dash_storage.repositories.agents import (
     AGENT_STATUS_TRANSITIONS,
     AgentRepository,
 )
-from dash_storage.repositories.swarms import SwarmRepository
-
-
-async def snapshot(db: Database) -> list[Any]:
-    """Every row of the tables these repositories touch, to prove that nothing changed."""
-    out: list[Any] = []
-    for table in ("swarms", "agents", "sessions", "budgets"):
-        out.append(await db.fetch(f"SELECT to_jsonb(t) FROM {table} t ORDER BY id"))
-    return out
-
-
-async def _swarm(db: Database, name: str = "swarm") -> uuid.UUID:
-    return (await SwarmRepository(db).create(name)).id
-
-
-class SecondAttempt(Database):
-    """Runs every ``run`` as a retry (attempt 2), as after a first attempt whose answer was lost."""
-
-    async def run(self, fn: Any, *, retry: bool = False, transaction: bool = False) -> Any:
-        async with self.acquire() as con:
-            return await fn(con, 2)
+from tests.conftest import MakeDatabase
+from tests.factories import make_swarm, snapshot
+from tests.faults.chaos import capped, sized, terminating_connections
+from tests.faults.databases import RetryAttemptDatabase
 
 
 async def test_create_with_every_field(db: Database) -> None:
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     repo = AgentRepository(db)
     agent = await repo.create(
         swarm_id,
@@ -83,7 +66,7 @@ async def test_create_with_every_field(db: Database) -> None:
 
 
 async def test_create_defaults(db: Database) -> None:
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     agent = await AgentRepository(db).create(str(swarm_id))
     assert (agent.status, agent.lifecycle_state, agent.max_retries) == ("pending", "initializing", 3)
     assert (agent.budget_limit, agent.config, agent.metadata) == (None, {}, {})
@@ -92,7 +75,7 @@ async def test_create_defaults(db: Database) -> None:
 
 
 async def test_zero_is_a_value(db: Database) -> None:
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     repo = AgentRepository(db)
     agent = await repo.create(swarm_id, max_retries=0, budget_limit=0)
     assert agent.max_retries == 0 and agent.budget_limit == Decimal(0)
@@ -114,7 +97,7 @@ async def test_create_in_missing_swarm_is_not_found(db: Database) -> None:
 
 
 async def test_create_honours_id_and_rejects_duplicate(db: Database, settings: Any) -> None:
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     repo = AgentRepository(db)
     given = uuid.uuid4()
     agent = await repo.create(swarm_id, id=given, label="one")
@@ -122,7 +105,7 @@ async def test_create_honours_id_and_rejects_duplicate(db: Database, settings: A
     with pytest.raises(ConflictError):
         await repo.create(swarm_id, id=given, label="two")
     # A retried attempt whose first answer was lost gets its own row back.
-    retry_db = SecondAttempt(settings)
+    retry_db = RetryAttemptDatabase(settings)
     try:
         again = await AgentRepository(retry_db).create(swarm_id, id=given, label="one")
     finally:
@@ -132,7 +115,7 @@ async def test_create_honours_id_and_rejects_duplicate(db: Database, settings: A
 
 
 async def test_create_in_final_status_stamps_completed_at(db: Database) -> None:
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     repo = AgentRepository(db)
     for status in ("completed", "failed", "killed"):
         assert (await repo.create(swarm_id, status=status)).completed_at is not None
@@ -176,7 +159,7 @@ async def _agents_with_tied_spawn(
 
 
 async def test_find_by_swarm_id_in_spawn_order(db: Database) -> None:
-    s1, s2 = await _swarm(db, "one"), await _swarm(db, "two")
+    s1, s2 = await make_swarm(db, "one"), await make_swarm(db, "two")
     repo = AgentRepository(db)
     first = await repo.create(s1)
     second = await repo.create(s1)
@@ -190,7 +173,7 @@ async def test_find_by_swarm_id_in_spawn_order(db: Database) -> None:
 
 
 async def test_list_filters_order_and_ties(db: Database) -> None:
-    s1, s2 = await _swarm(db, "one"), await _swarm(db, "two")
+    s1, s2 = await make_swarm(db, "one"), await make_swarm(db, "two")
     spec = [
         {"status": "running", "model": "m1", "label": "b", "lifecycle_state": "running"},
         {"status": "running", "model": "m2", "label": "a", "lifecycle_state": "running"},
@@ -234,7 +217,7 @@ async def test_get_counts_by_status_is_zero_filled(db: Database) -> None:
     empty = await repo.get_counts_by_status()
     assert empty == {s.value: 0 for s in AgentStatus}
     assert list(empty) == [s.value for s in AgentStatus]
-    s1, s2 = await _swarm(db, "one"), await _swarm(db, "two")
+    s1, s2 = await make_swarm(db, "one"), await make_swarm(db, "two")
     for status in ("running", "running", "paused"):
         await repo.create(s1, status=status)
     await repo.create(s2, status="killed")
@@ -246,7 +229,7 @@ async def test_get_counts_by_status_is_zero_filled(db: Database) -> None:
 
 
 async def test_update_partial_and_nulls(db: Database) -> None:
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     repo = AgentRepository(db)
     agent = await repo.create(swarm_id, label="l", model="m", task="t", context={"c": 1}, budget_limit=5)
     updated = await repo.update(
@@ -291,7 +274,7 @@ def test_transition_table_shape() -> None:
 
 
 async def test_update_status_rules(db: Database) -> None:
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     repo = AgentRepository(db)
     agent = await repo.create(swarm_id)
     running = await repo.update_status(agent.id, "running")
@@ -329,7 +312,7 @@ async def test_update_status_rules(db: Database) -> None:
 
 
 async def test_lifecycle_destroyed_is_final(db: Database) -> None:
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     repo = AgentRepository(db)
     agent = await repo.create(swarm_id)
     for state in ("spawning", "running", "pausing", "paused", "resuming", "completing", "cleaning_up"):
@@ -348,7 +331,7 @@ async def test_lifecycle_destroyed_is_final(db: Database) -> None:
 
 
 async def test_pause_and_resume(db: Database) -> None:
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     repo = AgentRepository(db)
     agent = await repo.create(swarm_id, status="running", lifecycle_state="running")
     paused = await repo.pause(agent.id, "operator")
@@ -371,7 +354,7 @@ async def test_pause_and_resume(db: Database) -> None:
 
 
 async def test_pause_completed_and_resume_running_are_invalid(db: Database) -> None:
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     repo = AgentRepository(db)
     done = await repo.create(swarm_id, status="completed")
     running = await repo.create(swarm_id, status="running")
@@ -398,10 +381,10 @@ async def test_pause_completed_and_resume_running_are_invalid(db: Database) -> N
 
 
 async def test_retried_pause_and_resume_accept_the_lost_first_attempt(db: Database, settings: Any) -> None:
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     agent = await AgentRepository(db).create(swarm_id, status="running")
     await AgentRepository(db).pause(agent.id, "operator")  # the "lost" first attempt
-    retry_db = SecondAttempt(settings)
+    retry_db = RetryAttemptDatabase(settings)
     try:
         repo = AgentRepository(retry_db)
         again = await repo.pause(agent.id, "operator")
@@ -418,7 +401,7 @@ async def test_retried_pause_and_resume_accept_the_lost_first_attempt(db: Databa
 
 
 async def test_concurrent_pauses_one_wins_and_errors_see_the_new_state(db: Database) -> None:
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     repo = AgentRepository(db)
     agent = await repo.create(swarm_id, status="running")
     results = await asyncio.gather(
@@ -432,7 +415,7 @@ async def test_concurrent_pauses_one_wins_and_errors_see_the_new_state(db: Datab
 
 
 async def test_increment_retry(db: Database) -> None:
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     repo = AgentRepository(db)
     agent = await repo.create(swarm_id, max_retries=0)
     one = await repo.increment_retry(agent.id)
@@ -444,7 +427,7 @@ async def test_increment_retry(db: Database) -> None:
 
 async def test_update_status_refuses_paused_and_points_to_pause(db: Database) -> None:
     """Pausing records when, by whom and the lifecycle state; update_status cannot, so it refuses."""
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     repo = AgentRepository(db)
     agent = await repo.create(swarm_id, status="running", lifecycle_state="running")
     before = await snapshot(db)
@@ -462,7 +445,7 @@ async def test_update_status_refuses_paused_and_points_to_pause(db: Database) ->
 async def test_update_status_does_not_resume_a_paused_agent(db: Database) -> None:
     """Leaving paused for pending / running / blocked is resume()'s job (it clears the pause marks
     and sets the lifecycle state); update_status refuses it, naming resume()."""
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     repo = AgentRepository(db)
     agent = await repo.create(swarm_id, status="running", lifecycle_state="running")
     paused = await repo.pause(agent.id, "operator")
@@ -479,7 +462,7 @@ async def test_update_status_does_not_resume_a_paused_agent(db: Database) -> Non
 
 async def test_stopping_a_paused_agent_clears_the_pause_marks(db: Database) -> None:
     """pause_time / paused_by describe the current pause: set exactly while the status is paused."""
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     repo = AgentRepository(db)
     for final in ("completed", "killed", "failed"):
         agent = await repo.create(swarm_id, status="running")
@@ -492,7 +475,7 @@ async def test_stopping_a_paused_agent_clears_the_pause_marks(db: Database) -> N
 
 
 async def test_create_paused_stamps_pause_time(db: Database) -> None:
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     repo = AgentRepository(db)
     before = await db.fetchval("SELECT now()")
     paused = await repo.create(swarm_id, status="paused")
@@ -501,7 +484,7 @@ async def test_create_paused_stamps_pause_time(db: Database) -> None:
 
 
 async def test_increment_retry_with_expected_is_a_compare_and_set(db: Database) -> None:
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     repo = AgentRepository(db)
     agent = await repo.create(swarm_id)
     one = await repo.increment_retry(agent.id, expected=0)
@@ -518,7 +501,7 @@ async def test_increment_retry_with_expected_is_a_compare_and_set(db: Database) 
 
 
 async def test_concurrent_compare_and_set_increments_one_wins(db: Database) -> None:
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     repo = AgentRepository(db)
     agent = await repo.create(swarm_id)
     results = await asyncio.gather(
@@ -565,7 +548,7 @@ async def test_increment_retry_with_expected_is_retried_and_applies_once(db: Dat
     """The compare-and-set variant is retried by the library: a retry after a lost COMMIT answer
     finds its own committed increment (and answers success), never adds a second one, and never
     takes another caller's increment for its own."""
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     repo = AgentRepository(db)
 
     async def nothing() -> None:
@@ -606,22 +589,21 @@ async def test_increment_retry_with_expected_is_retried_and_applies_once(db: Dat
         await lossy.close()
 
 
+@pytest.mark.soak
 async def test_compare_and_set_increments_while_connections_are_terminated(
-    db: Database, settings: Any, make_database: Callable[..., Awaitable[Database]]
+    db: Database, settings: Any, make_database: MakeDatabase
 ) -> None:
     """Workers race to move one agent's retry_count by compare-and-set while the server terminates
     every connection in a loop: no step is ever claimed by two callers, and every claimed step is
     stored (the count exceeds the claims only by calls that failed with an unknown outcome)."""
-    from tests.integration.test_safe_retries import terminating_connections
-
-    agent = await AgentRepository(db).create(await _swarm(db))
-    repo = AgentRepository(await make_database(postgres_retry_attempts=6, postgres_retry_delay=10))
+    agent = await AgentRepository(db).create(await make_swarm(db))
+    repo = AgentRepository(capped(await make_database(postgres_retry_attempts=6, postgres_retry_delay=10)))
     claimed: list[int] = []
     unknown = 0
 
     async def worker() -> None:
         nonlocal unknown
-        for _ in range(15):
+        for _ in range(sized(8, 40)):  # rounds per worker
             try:
                 current = await repo.find_by_id(agent.id)
             except DashStorageError:
@@ -646,7 +628,7 @@ async def test_compare_and_set_increments_while_connections_are_terminated(
 
 
 async def test_get_activity(db: Database) -> None:
-    s1, s2 = await _swarm(db, "alpha"), await _swarm(db, "beta")
+    s1, s2 = await make_swarm(db, "alpha"), await make_swarm(db, "beta")
     repo = AgentRepository(db)
     a = await repo.create(s1, label="a", model="m", status="running")
     b = await repo.create(s1, label="b")
@@ -671,7 +653,7 @@ async def test_get_activity(db: Database) -> None:
 
 
 async def test_delete_and_delete_by_swarm(db: Database) -> None:
-    s1, s2 = await _swarm(db, "one"), await _swarm(db, "two")
+    s1, s2 = await make_swarm(db, "one"), await make_swarm(db, "two")
     repo = AgentRepository(db)
     a = await repo.create(s1)
     await repo.create(s1)
@@ -763,7 +745,7 @@ BAD_INPUT: list[tuple[str, Call, str]] = [
 
 @pytest.mark.parametrize(("call", "field"), [c[1:] for c in BAD_INPUT], ids=[c[0] for c in BAD_INPUT])
 async def test_bad_input_is_rejected_and_changes_nothing(db: Database, call: Call, field: str) -> None:
-    swarm_id = await _swarm(db)
+    swarm_id = await make_swarm(db)
     repo = AgentRepository(db)
     agent = await repo.create(swarm_id, status="running", label="existing", max_retries=2)
     before = await snapshot(db)

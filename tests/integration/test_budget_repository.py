@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
@@ -14,23 +13,10 @@ import pytest
 
 from dash_storage.core.database import Database
 from dash_storage.core.errors import ConflictError, NotFoundError, ValidationError
-from dash_storage.core.ids import new_id
 from dash_storage.core.models import Budget, ConsumeStatus
 from dash_storage.repositories.budgets import BudgetRepository
-
-MakeDatabase = Callable[..., Awaitable[Database]]
-
-
-async def make_swarm(db: Database, name: str = "swarm") -> uuid.UUID:
-    swarm_id = new_id()
-    await db.execute("INSERT INTO swarms (id, name) VALUES ($1, $2)", swarm_id, name)
-    return swarm_id
-
-
-async def make_agent(db: Database, swarm_id: uuid.UUID) -> uuid.UUID:
-    agent_id = new_id()
-    await db.execute("INSERT INTO agents (id, swarm_id) VALUES ($1, $2)", agent_id, swarm_id)
-    return agent_id
+from tests.conftest import MakeDatabase
+from tests.factories import make_agent, make_swarm
 
 
 async def ledger(db: Database, budget_id: uuid.UUID) -> tuple[int, int, Decimal]:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -21,14 +21,17 @@ from dash_storage.core.config import Settings
 from dash_storage.core.database import Database
 from dash_storage.core.errors import CommandTimeoutError, DashStorageError
 from dash_storage.repositories.agents import AgentRepository
-from tests.conftest import TEST_DB, admin_connect
+from tests.conftest import TEST_DB, MakeDatabase, admin_connect
+from tests.factories import wait_until
+from tests.faults.chaos import capped, sized
 from tests.faults.proxy import FaultProxy, proxy_for
 from tests.faults.workload import Report, Workload, terminate_loop
 from tests.reliability import record
 
 pytestmark = pytest.mark.reliability
 
-MakeDatabase = Callable[..., Awaitable[Database]]
+#: How long each workload runs under its fault (seconds).
+SECONDS = sized(3, 30)
 
 
 @pytest.fixture
@@ -59,12 +62,15 @@ def assert_clean(rep: Report) -> None:
     assert rep.succeeded > 0
 
 
+@pytest.mark.soak
 async def test_workload_while_every_backend_is_terminated_in_a_loop(
     db: Database, settings: Settings, make_database: MakeDatabase, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="dash_storage.core.retry")
-    chaos = await make_database(postgres_max_pool_size=10, postgres_retry_attempts=6, postgres_retry_delay=10)
-    work = Workload(chaos, tasks=32, ops_per_task=300, seconds=3.0, charges=120)
+    chaos = capped(
+        await make_database(postgres_max_pool_size=10, postgres_retry_attempts=6, postgres_retry_delay=10)
+    )
+    work = Workload(chaos, tasks=32, ops_per_task=100 * SECONDS, seconds=SECONDS, charges=40 * SECONDS)
     await work.setup(db)
     admin = await admin_connect(settings, TEST_DB)
     try:
@@ -123,6 +129,7 @@ async def proxy_chaos(
         proxy.latency = 0.0
 
 
+@pytest.mark.soak
 async def test_workload_through_a_faulty_proxy(
     db: Database, proxy: FaultProxy, make_database: MakeDatabase, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -136,7 +143,7 @@ async def test_workload_through_a_faulty_proxy(
         postgres_retry_attempts=6,
         postgres_retry_delay=20,
     )
-    work = Workload(chaos, tasks=32, ops_per_task=300, seconds=3.0, charges=120)
+    work = Workload(chaos, tasks=32, ops_per_task=100 * SECONDS, seconds=SECONDS, charges=40 * SECONDS)
     await work.setup(db)
     proxy.latency = 0.001
     proxy.reset_probability = 0.01
@@ -208,8 +215,13 @@ async def test_stalled_connection_times_out_and_is_never_reused(
 
     assert await stalled.fetchval("SELECT pg_backend_pid()") != first_pid  # the stalled one is gone
     await assert_recovered(stalled)
-    # The write's bytes were held by the proxy and may reach the server late: at most once.
-    await asyncio.sleep(0.2)
+
+    # The write's bytes were held by the proxy and may reach the server late, on the stalled
+    # connection's backend; once that backend has exited, nothing more can arrive: at most once.
+    async def stalled_backend_gone() -> bool:
+        return not await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", first_pid)
+
+    await wait_until(stalled_backend_gone, "the stalled connection's backend has exited")
     after = await AgentRepository(db).find_by_id(agent.id)
     assert after is not None and after.retry_count <= 1
     raw = sum(1 for o in outcomes if o is not None and not isinstance(o, DashStorageError))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from uuid import uuid4 as new_uuid
 
@@ -20,6 +21,7 @@ from dash_storage import (
 )
 from dash_storage.core.config import Settings
 from tests.conftest import TEST_DB, admin_connect
+from tests.factories import wait_until
 
 
 async def test_initialize_health_and_stats(make_database) -> None:
@@ -67,8 +69,10 @@ async def test_pool_exhaustion_names_size_and_fix(make_database) -> None:
     db: Database = await make_database(
         postgres_min_pool_size=0, postgres_max_pool_size=3, postgres_connection_timeout=300
     )
-    held = [await db.acquire().__aenter__() for _ in range(3)]
-    try:
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(3):
+            await held.enter_async_context(db.acquire())
+        assert db.stats().in_use == 3
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(PoolExhaustedError) as info:
@@ -76,9 +80,6 @@ async def test_pool_exhaustion_names_size_and_fix(make_database) -> None:
         assert loop.time() - started < 5  # bounded by the acquire timeout, not forever
         message = str(info.value)
         assert "3" in message and "POSTGRES_MAX_POOL_SIZE" in message and "leak" in message
-    finally:
-        for con in held:
-            await db._pool.release(con)  # type: ignore[union-attr]
     assert await db.fetchval("SELECT 1") == 1
     assert db.stats().in_use == 0
 
@@ -114,7 +115,20 @@ async def test_query_succeeds_after_every_connection_was_terminated(make_databas
         return int(await db.fetchval("SELECT 42 FROM pg_sleep(0.5)", retry=True))
 
     task = asyncio.create_task(slow_read())
-    await asyncio.sleep(0.1)
+    admin = await admin_connect(settings, TEST_DB)
+    try:
+
+        async def reading() -> bool:
+            return bool(
+                await admin.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND state = 'active' AND query LIKE 'SELECT 42 FROM pg_sleep%'"
+                )
+            )
+
+        await wait_until(reading, "the read is running on the server")
+    finally:
+        await admin.close()
     killed = await _kill_pool_connections(settings)
     assert killed >= 4
     assert await task == 42

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import os
@@ -21,6 +20,7 @@ from dash_storage.repositories.events import EventRepository
 from dash_storage.repositories.sessions import SessionRepository
 from dash_storage.repositories.swarms import SwarmRepository
 from tests.conftest import TEST_DB
+from tests.factories import wait_until
 
 
 async def test_demo_simulation_invariants(db: Database) -> None:
@@ -213,7 +213,11 @@ async def test_sessions_view(db: Database) -> None:
     sessions = SessionRepository(db)
     live = await sessions.create(tree_data={"root": "main"}, current_branch="main", metadata={"k": "v"})
     expired = await sessions.create(current_branch="old", ttl_seconds=0.001)
-    await asyncio.sleep(0.05)
+
+    async def expired_by_the_database_clock() -> bool:
+        return bool(await db.fetchval("SELECT clock_timestamp() > $1", expired.expires_at))
+
+    await wait_until(expired_by_the_database_clock, "the session has expired")
 
     listed = _cli("sessions", "--json")
     assert listed.returncode == 0, listed.stderr

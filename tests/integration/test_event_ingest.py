@@ -25,12 +25,14 @@ from dash_storage.core.database import Connection, Database
 from dash_storage.core.errors import ConflictError, NotFoundError, ValidationError
 from dash_storage.core.ids import new_id
 from dash_storage.core.models import Event
-from dash_storage.repositories.events import COPY_MIN_BATCH, EventRepository
+from dash_storage.repositories.event_ingest import COPY_MIN_BATCH
+from dash_storage.repositories.events import EventRepository
 from tests import reliability
-from tests.conftest import TEST_DB, admin_connect
-from tests.integration.test_safe_retries import LostAnswerDatabase, terminating_connections
+from tests.conftest import TEST_DB, MakeDatabase, admin_connect
+from tests.factories import make_agent, make_swarm, wait_until
+from tests.faults.chaos import capped, sized, terminating_connections
+from tests.faults.databases import LostAnswerDatabase
 
-MakeDatabase = Callable[..., Awaitable[Database]]
 T = TypeVar("T")
 UTC = dt.UTC
 
@@ -73,18 +75,6 @@ class Statement(NamedTuple):
     @property
     def kind(self) -> str:
         return self.query.lstrip().split(None, 1)[0].upper()
-
-
-async def make_swarm(db: Database) -> uuid.UUID:
-    swarm_id = new_id()
-    await db.execute("INSERT INTO swarms (id, name) VALUES ($1, 'ingest')", swarm_id, retry=True)
-    return swarm_id
-
-
-async def make_agent(db: Database, swarm_id: uuid.UUID) -> uuid.UUID:
-    agent_id = new_id()
-    await db.execute("INSERT INTO agents (id, swarm_id) VALUES ($1, $2)", agent_id, swarm_id)
-    return agent_id
 
 
 @pytest.fixture
@@ -136,15 +126,6 @@ async def gate(db: Database, settings: Settings) -> AsyncIterator[CommitGate]:
     finally:
         await admin.close()
         await db.execute(GATE_DROP)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Poll ``check`` until true (a state to reach, not a timing to assert)."""
-    for _ in range(2000):
-        if await check():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"never happened: {what}")
 
 
 def same_json(a: Any, b: Any) -> bool:
@@ -406,7 +387,7 @@ async def test_writer_answers_only_after_commit(
     async with EventWriter(db) as writer:
         async with gate.held():
             tasks = [asyncio.create_task(writer.create(swarm, f"t{i}")) for i in range(100)]
-            await eventually(gate.stalled, "a batch waits at COMMIT")
+            await wait_until(gate.stalled, "a batch waits at COMMIT")
             assert not any(t.done() for t in tasks)  # inserted, not committed: nobody answered
             assert await other.fetchval("SELECT count(*) FROM events") == 0
         visible: list[bool] = []
@@ -444,7 +425,7 @@ async def test_writer_cancelled_callers_lose_and_duplicate_nothing(db: Database,
     async with EventWriter(db, max_concurrency=1) as writer:
         async with gate.held():
             first = [asyncio.create_task(writer.create(swarm, f"first{i}")) for i in range(20)]
-            await eventually(gate.stalled, "the first batch waits at COMMIT")
+            await wait_until(gate.stalled, "the first batch waits at COMMIT")
             queued = [asyncio.create_task(writer.create(swarm, f"queued{i}")) for i in range(20)]
             await asyncio.sleep(0)  # queued behind the stalled batch (one write at a time)
             assert writer.pending == 40
@@ -476,15 +457,20 @@ async def test_writer_retries_a_lost_answer_without_duplicates(db: Database, set
     assert_same_events(await stored_events(db, [e.id for e in created]), list(created))
 
 
-KILLS = 300  # connections the server terminates while the writer works
+KILLS = sized(300, 3000)  # connections the server terminates while the writer works
+# A kill every 15 ms, and a calm 150 ms after each 500 ms of killing: on a busy machine a batch (a
+# fresh connection, then a COPY in a transaction) may never fit between two kills, and the test then
+# found nothing acknowledged to check.
+KILL_EVERY, CALM = 0.015, (0.5, 0.15)
 
 
 @pytest.mark.reliability
+@pytest.mark.soak
 async def test_writer_under_a_connection_kill_loop_stores_each_acknowledged_event_once(
     db: Database, settings: Settings, make_database: MakeDatabase
 ) -> None:
     swarm = await make_swarm(db)
-    chaos = await make_database(postgres_retry_attempts=10, postgres_retry_delay=20)
+    chaos = capped(await make_database(postgres_retry_attempts=10, postgres_retry_delay=20))
     attempted: list[uuid.UUID] = []
     acknowledged: set[uuid.UUID] = set()
     raised: set[uuid.UUID] = set()
@@ -505,7 +491,7 @@ async def test_writer_under_a_connection_kill_loop_stores_each_acknowledged_even
                 assert event.id == event_id
                 acknowledged.add(event_id)
 
-    async with terminating_connections(settings, interval=0.015) as killed:
+    async with terminating_connections(settings, interval=KILL_EVERY, calm=CALM) as killed:
         async with EventWriter(chaos) as writer:
             await asyncio.gather(*(producer(writer, killed) for _ in range(64)))
 
@@ -526,7 +512,8 @@ async def test_writer_under_a_connection_kill_loop_stores_each_acknowledged_even
     assert acknowledged
     reliability.record(
         "connection faults",
-        "EventWriter (64 producers, shared batches) while every pooled connection is terminated every 15 ms",
+        "EventWriter (64 producers, shared batches) while every pooled connection is terminated every "
+        f"{KILL_EVERY * 1000:.0f} ms (calm for {CALM[1] * 1000:.0f} ms after each {CALM[0] * 1000:.0f} ms)",
         operations=len(attempted),
         succeeded=len(acknowledged),
         lost=len(acknowledged - stored),

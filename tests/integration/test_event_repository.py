@@ -12,23 +12,11 @@ import pytest
 
 from dash_storage.core.database import Database
 from dash_storage.core.errors import ConflictError, NotFoundError, ValidationError
-from dash_storage.core.ids import new_id
 from dash_storage.core.models import Event, Severity
 from dash_storage.repositories.events import EventRepository
+from tests.factories import make_agent, make_swarm
 
 UTC = dt.UTC
-
-
-async def make_swarm(db: Database, name: str = "swarm") -> uuid.UUID:
-    swarm_id = new_id()
-    await db.execute("INSERT INTO swarms (id, name) VALUES ($1, $2)", swarm_id, name)
-    return swarm_id
-
-
-async def make_agent(db: Database, swarm_id: uuid.UUID) -> uuid.UUID:
-    agent_id = new_id()
-    await db.execute("INSERT INTO agents (id, swarm_id) VALUES ($1, $2)", agent_id, swarm_id)
-    return agent_id
 
 
 async def event_count(db: Database) -> int:

@@ -59,7 +59,8 @@ from dash_storage.core.models import (
 from dash_storage.core.validation import MAX_JSON_BYTES, MAX_JSON_DEPTH
 from dash_storage.repositories.agents import AGENT_ORDER_COLUMNS, AgentRepository
 from dash_storage.repositories.budgets import BUDGET_ORDER_COLUMNS, BudgetRepository
-from dash_storage.repositories.events import EventRepository, _encode_cursor
+from dash_storage.repositories.event_cursor import encode_cursor
+from dash_storage.repositories.events import EventRepository
 from dash_storage.repositories.sessions import (
     MAX_TTL_SECONDS,
     SESSION_ORDER_COLUMNS,
@@ -362,7 +363,7 @@ offset = st.none() | st.integers(0, 2**63 - 1) | st.just(0)
 seconds = st.integers(1, MAX_TTL_SECONDS) | st.floats(1e-6, MAX_TTL_SECONDS) | st.just(Decimal("1.5"))
 hours = st.integers(0, 24 * 366 * 100) | st.floats(0, 24 * 366 * 100) | st.just(Decimal("0.5"))
 tokens = st.integers(0, 2**63 - 1) | st.integers(0, 2000)
-cursor = st.builds(_encode_cursor, aware_times.map(lambda t: t.astimezone(UTC)), st.uuids())
+cursor = st.builds(encode_cursor, aware_times.map(lambda t: t.astimezone(UTC)), st.uuids())
 event_item = st.fixed_dictionaries(
     {"swarm_id": ids(SWARM), "type": name_text},
     optional={

@@ -16,12 +16,13 @@ import sys
 import textwrap
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from bench import queries as bench_queries
@@ -32,10 +33,11 @@ from dash_storage.core.ids import new_id
 from dash_storage.core.models import ConsumeResult, ConsumeStatus
 from dash_storage.repositories.budget_batcher import CONSUME_BATCH, MAX_BATCH, combiner_for
 from dash_storage.repositories.budgets import BudgetRepository
-from tests.conftest import TEST_DB, admin_connect
-from tests.integration.test_safe_retries import gather_outcomes, terminating_connections
+from tests.conftest import TEST_DB, MakeDatabase, admin_connect
+from tests.factories import make_budget, wait_until
+from tests.faults.chaos import capped, gather_outcomes, sized, terminating_connections
+from tests.faults.databases import StatementHook
 
-MakeDatabase = Callable[..., Awaitable[Database]]
 G, D, NO, NF = (
     ConsumeStatus.GRANTED,
     ConsumeStatus.DUPLICATE,
@@ -44,23 +46,26 @@ G, D, NO, NF = (
 )
 
 
-class CountingDatabase(Database):
+class CountingDatabase(StatementHook):
     """A real Database that counts the statements it sends."""
 
     statements = 0
 
-    async def _call(
+    async def statement(
         self, method: str, query: str, args: Sequence[Any], retry: bool, timeout: float | None
     ) -> Any:
         self.statements += 1
-        return await super()._call(method, query, args, retry, timeout)
+        return await super().statement(method, query, args, retry, timeout)
 
 
-async def make_budget(db: Database, allocated: Any, max_tokens: int | None = None) -> uuid.UUID:
-    swarm_id = new_id()
-    await db.execute("INSERT INTO swarms (id, name) VALUES ($1, 'hot')", swarm_id)
-    budget = await BudgetRepository(db).create("swarm", swarm_id, allocated=allocated, max_tokens=max_tokens)
-    return budget.id
+async def lock_waiters(other: asyncpg.Connection) -> int:
+    """Statements of the library on the test database waiting for a lock (held by ``other``)."""
+    return int(
+        await other.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'dash-storage' AND wait_event_type = 'Lock'"
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -239,7 +244,7 @@ async def test_20_concurrent_copies_of_one_call_charge_once(settings: Settings, 
         assert (b.ledger_rows, b.consumed) == (1, Decimal("0.01"))
 
 
-class FlakyBatches(Database):
+class FlakyBatches(StatementHook):
     """A real Database whose batch statements fail as scripted: ``lose`` runs the statement (it
     commits) and then raises a lost-connection error, as if the answer was lost after COMMIT;
     ``fail`` raises it without running anything. Then every statement runs normally."""
@@ -248,15 +253,15 @@ class FlakyBatches(Database):
         super().__init__(settings, postgres_retry_delay=20)
         self.script = list(script)
 
-    async def _call(
+    async def statement(
         self, method: str, query: str, args: Sequence[Any], retry: bool, timeout: float | None
     ) -> Any:
         if query == CONSUME_BATCH and self.script:
             step = self.script.pop(0)
             if step == "lose":
-                await super()._call(method, query, args, retry, timeout)
+                await super().statement(method, query, args, retry, timeout)
             raise DatabaseUnavailableError(f"connection lost ({step}, test)")
-        return await super()._call(method, query, args, retry, timeout)
+        return await super().statement(method, query, args, retry, timeout)
 
 
 @pytest.mark.parametrize(
@@ -422,7 +427,10 @@ async def test_a_second_process_consuming_at_the_same_time_never_overspends(
     assert proc.stdin is not None and proc.stdout is not None
     try:
         ready = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
-        assert ready.strip() == b"ready", ready
+        if ready.strip() != b"ready":
+            proc.kill()
+            _, err = await proc.communicate()
+            pytest.fail(f"the second process did not start: {ready!r}\n{err.decode()}")
         repo = BudgetRepository(await make_database(postgres_max_pool_size=10))
         mine: list[ConsumeResult] = []
 
@@ -495,15 +503,8 @@ async def test_a_same_key_charge_committed_elsewhere_while_the_batch_waits_is_a_
         combiner._hot.add(budget)
         keyed = zip("xyz", costs, strict=True)
         calls = asyncio.gather(*(repo.try_consume(budget, 1, cost, idempotency_key=k) for k, cost in keyed))
-        for _ in range(500):  # until our statement waits for the row lock
-            waiting = await other.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND application_name = 'dash-storage' AND wait_event_type = 'Lock'"
-            )
-            if waiting:
-                break
-            await asyncio.sleep(0.01)
-        assert waiting == 1
+        await wait_until(lambda: lock_waiters(other), "our batch waits for the row lock")
+        assert await lock_waiters(other) == 1
         await tx.commit()
         x, y, z = await calls
     finally:
@@ -524,12 +525,23 @@ async def test_cancelled_callers_leave_the_others_answered_and_the_books_balance
 ) -> None:
     budget = await make_budget(db, Decimal("10"))
     repo = BudgetRepository(await make_database(postgres_max_pool_size=5))
-    tasks = [
-        asyncio.create_task(repo.try_consume(budget, 1, "0.01", idempotency_key=f"k{i}")) for i in range(200)
-    ]
-    await asyncio.sleep(0)  # every call has started: k0 leads (its statement is in flight), the rest wait
-    for i in (0, 5, 50):
-        tasks[i].cancel()
+    other = await admin_connect(settings, TEST_DB)
+    try:
+        # Another session holds the budget's row lock, so the leader's statement stays in flight.
+        lock = other.transaction()
+        await lock.start()
+        await other.execute("SELECT 1 FROM budgets WHERE id = $1 FOR UPDATE", budget)
+        tasks = [
+            asyncio.create_task(repo.try_consume(budget, 1, "0.01", idempotency_key=f"k{i}"))
+            for i in range(200)
+        ]
+        # k0 leads (its statement waits for the lock at the server), the rest wait in the queue.
+        await wait_until(lambda: lock_waiters(other), "the leader's statement waits for the row lock")
+        for i in (0, 5, 50):
+            tasks[i].cancel()
+        await lock.rollback()
+    finally:
+        await other.close()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     for i, r in enumerate(results):
         if i in (0, 5, 50):
@@ -545,15 +557,16 @@ async def test_cancelled_callers_leave_the_others_answered_and_the_books_balance
     assert (await repo.try_consume(budget, 1, "0.01")).status is G
 
 
+@pytest.mark.soak
 async def test_connection_kills_during_combined_batches_keep_ledger_counters_and_answers_equal(
     settings: Settings, db: Database, make_database: MakeDatabase
 ) -> None:
-    budget = await make_budget(db, Decimal("3.00"))
-    # Six retries from 20 ms: a batch gives up after about 1.3 s of backoff, so the test stays short
-    # even on a slow machine where most attempts are killed.
-    chaos = await make_database(postgres_retry_attempts=6, postgres_retry_delay=20)
+    room = sized(100, 600)
+    budget = await make_budget(db, Decimal("0.01") * room)
+    # Six retries from 20 ms, each wait capped: a batch gives up within a second of back-off.
+    chaos = capped(await make_database(postgres_retry_attempts=6, postgres_retry_delay=20))
     repo = BudgetRepository(chaos)
-    keys = [f"call-{i}" for i in range(900)]  # room for 300 of them
+    keys = [f"call-{i}" for i in range(3 * room)]
     jobs = [
         lambda key=key: repo.try_consume(budget, 1, Decimal("0.01"), idempotency_key=key)  # type: ignore[misc]
         for key in keys
@@ -590,7 +603,7 @@ async def test_connection_kills_during_combined_batches_keep_ledger_counters_and
     b = await books(settings, budget)
     assert_balanced(b)
     assert b.keys == granted
-    assert b.consumed == Decimal("0.01") * len(granted) == Decimal("3.00")
+    assert b.consumed == Decimal("0.01") * len(granted) == Decimal("0.01") * room
     print(
         f"\nterminated {killed[0]} connections; {len(raised)} consumes raised; "
         f"{combiner.requests} consumes in {combiner.batches} batches"

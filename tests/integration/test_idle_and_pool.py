@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -31,25 +30,15 @@ from dash_storage.core.errors import (
 )
 from dash_storage.repositories.agents import AgentRepository
 from dash_storage.repositories.events import EventRepository
-from tests.conftest import TEST_DB, admin_connect, drop_database, migrate, recreate_database
+from tests.conftest import TEST_DB, MakeDatabase, admin_connect, drop_database, migrate, recreate_database
+from tests.factories import make_agent, make_swarm, wait_until
 from tests.faults.proxy import proxy_for
 from tests.reliability import record
 
 pytestmark = pytest.mark.reliability
 
-MakeDatabase = Callable[..., Awaitable[Database]]
 IDLE_DB = f"{TEST_DB}_idle"
 POOL_PIDS = "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = 'dash-storage'"
-
-
-async def wait_until(check: Callable[[], Awaitable[bool]], what: str, seconds: float = 5.0) -> None:
-    """Poll ``check`` (bounded) until it holds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"not reached within {seconds} s: {what}")
-        await asyncio.sleep(0.02)
 
 
 async def warm(db: Database, n: int) -> list[int]:
@@ -59,12 +48,6 @@ async def warm(db: Database, n: int) -> list[int]:
         return int(await con.fetchval("SELECT pg_backend_pid() FROM pg_sleep(0.05)"))
 
     return sorted(set(await asyncio.gather(*(db.run(hold) for _ in range(n)))))
-
-
-async def make_agent(db: Database) -> tuple[uuid.UUID, uuid.UUID]:
-    """A swarm and one running agent in it: (swarm id, agent id)."""
-    swarm = await db.fetchval("INSERT INTO swarms (name) VALUES ('idle') RETURNING id", retry=True)
-    return swarm, (await AgentRepository(db).create(swarm, status="running")).id
 
 
 class Tally:
@@ -119,7 +102,8 @@ async def test_connections_ended_by_idle_session_timeout_are_replaced_unseen(
 ) -> None:
     d = await make_database(postgres_db=idle_db, postgres_min_pool_size=3, postgres_max_pool_size=3)
     agents, events = AgentRepository(d), EventRepository(d)
-    swarm, agent = await make_agent(d)
+    swarm = await make_swarm(d, "idle")
+    agent = await make_agent(d, swarm, status="running")
     admin = await admin_connect(settings)
     tally, rounds, ended = Tally(), 3, 0
     try:
@@ -172,7 +156,7 @@ async def test_statement_sent_as_the_server_ends_the_idle_session_is_replayed(
             postgres_retry_attempts=0,
         )
         agents = AgentRepository(d)
-        _, agent = await make_agent(d)
+        agent = await make_agent(d, await make_swarm(d, "idle"), status="running")
         await agents.increment_retry(agent)  # prepared on the one connection: next time, one message
         pid = await d.fetchval("SELECT pg_backend_pid()")
         proxy.hold_answers()  # the server's goodbye will wait in the proxy
@@ -185,8 +169,17 @@ async def test_statement_sent_as_the_server_ends_the_idle_session_is_replayed(
             await wait_until(ended, "the server ends the idle session")
         finally:
             await admin.close()
-        asyncio.get_running_loop().call_later(0.2, proxy.resume)  # the goodbye arrives mid-call
-        after = await asyncio.wait_for(agents.increment_retry(agent), timeout=20)
+        # The write goes out (the proxy forwards it; the server's words stay held), and only then
+        # does the goodbye arrive, as the write's answer.
+        forwarded = proxy.stats.chunks
+        call = asyncio.create_task(agents.increment_retry(agent))
+
+        async def write_sent() -> bool:
+            return proxy.stats.chunks > forwarded
+
+        await wait_until(write_sent, "the write forwarded to the server")
+        proxy.resume()
+        after = await asyncio.wait_for(call, timeout=20)
     assert after is not None and after.retry_count == 2
     assert "pooled connection was dead (ConnectionDoesNotExistError)" in caplog.text
     assert d.stats().in_use == 0
@@ -205,7 +198,7 @@ async def test_connections_terminated_while_idle_are_replaced_unseen(
 ) -> None:
     d = await make_database(postgres_min_pool_size=3, postgres_max_pool_size=3)
     agents = AgentRepository(d)
-    _, agent = await make_agent(db)
+    agent = await make_agent(db, await make_swarm(db, "idle"), status="running")
     admin = await admin_connect(settings, TEST_DB)
     tally, rounds, killed = Tally(), 3, 0
     try:
@@ -259,7 +252,7 @@ async def test_goodbye_without_end_of_file_is_replaced_unseen(
             postgres_retry_attempts=0,  # no retry: what succeeds here succeeded by replacement
         )
         agents = AgentRepository(d)
-        _, agent = await make_agent(db)
+        agent = await make_agent(db, await make_swarm(db, "idle"), status="running")
         admin = await admin_connect(settings, TEST_DB)
         proxy.hold_close = True
 

@@ -17,6 +17,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from bench.legacy_factory import LegacyManifest, build_legacy_file
 from dash_storage.core.database import Database
 from dash_storage.core.errors import ValidationError
 from dash_storage.legacy import LEGACY_NAMESPACE, ImportReport, SQLiteStorage, import_sqlite, legacy_uuid
@@ -28,7 +29,6 @@ from dash_storage.legacy.mapping import (
     map_swarm_status,
 )
 from dash_storage.legacy.report import default_report_path
-from tests.legacy_factory import LegacyManifest, build_legacy_file
 
 TABLES = ("swarms", "budgets", "agents", "events")
 UNREADABLE_TIME = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -59,6 +59,17 @@ def counts(report: ImportReport) -> dict[str, dict[str, int]]:
 
 def report_lines(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def write_raw(path: Path, *statements: str | tuple[str, tuple[Any, ...]]) -> None:
+    """Write straight into the legacy file what the old store's API would refuse (wrong types, bad
+    bytes, other tables): each statement is SQL text, or (SQL text, parameters)."""
+    con = sqlite3.connect(path)
+    with con:
+        for statement in statements:
+            sql, params = (statement, ()) if isinstance(statement, str) else statement
+            con.execute(sql, params)
+    con.close()
 
 
 # -- ids ---------------------------------------------------------------------------------------------
@@ -406,13 +417,11 @@ async def test_nul_characters_and_invalid_utf8_are_repaired(db: Database, tmp_pa
     async with SQLiteStorage(db_path=path) as old:
         await old.create_swarm(id="s", name="nul\x00name", config={"k": "v\x00w"})
         await old.store_event(id="e1", event_type="type\x00x", swarm_id="s", payload={"text": "a\x00b"})
-    con = sqlite3.connect(path)
-    with con:
-        con.execute(
-            "INSERT INTO events (id, timestamp, event_type, swarm_id) "
-            "VALUES ('e2', '2025-01-27T00:00:00Z', CAST(X'6F6B20FF21' AS TEXT), 's')"
-        )
-    con.close()
+    write_raw(
+        path,
+        "INSERT INTO events (id, timestamp, event_type, swarm_id) "
+        "VALUES ('e2', '2025-01-27T00:00:00Z', CAST(X'6F6B20FF21' AS TEXT), 's')",
+    )
     report = await import_sqlite(db, path)
     assert report.tables["events"].written == 2 and report.tables["events"].rejected == 0
     swarm = await db.fetchrow("SELECT name, config FROM swarms")
@@ -519,7 +528,7 @@ async def test_cli_missing_file_and_usage_errors(db: Database, tmp_path: Path) -
 
 def test_report_timestamps_are_iso() -> None:
     # The factory's timestamps are the old JavaScript toISOString() format the importer reads.
-    from tests.legacy_factory import iso
+    from bench.legacy_factory import iso
 
     assert iso(1_738_000_000.5) == "2025-01-27T17:46:40.500Z"
     assert dt.datetime.fromisoformat(iso(0)).tzinfo is not None
@@ -533,20 +542,20 @@ async def test_unreadable_timestamps_sort_first_and_are_reported(db: Database, t
     async with SQLiteStorage(db_path=path) as old:
         await old.create_swarm(id="s", name="s", status="running", created_at="2025-01-27T00:00:00Z")
         await old.create_swarm(id="s-bad", name="s-bad", status="running", created_at="last tuesday")
-    con = sqlite3.connect(path)
-    with con:
-        con.execute(
-            "INSERT INTO agents (id, status, model, task, spawned_at, swarm_id)"
-            " VALUES ('a', 'running', 'm', 't', '32/13/2025', 's')"
-        )
-        times = [f"2025-01-27T00:00:0{n}Z" for n in range(3)] + ["soon", "", "NaN"]
-        for i, ts in enumerate(times):
-            con.execute(
+    times = [f"2025-01-27T00:00:0{n}Z" for n in range(3)] + ["soon", "", "NaN"]
+    write_raw(
+        path,
+        "INSERT INTO agents (id, status, model, task, spawned_at, swarm_id)"
+        " VALUES ('a', 'running', 'm', 't', '32/13/2025', 's')",
+        *(
+            (
                 "INSERT INTO events (id, timestamp, event_type, payload, swarm_id)"
                 " VALUES (?, ?, 't', '{}', 's')",
                 (f"e{i}", ts),
             )
-    con.close()
+            for i, ts in enumerate(times)
+        ),
+    )
     report = await import_sqlite(db, path)
     assert report.tables["events"].written == 6 and report.tables["events"].rejected == 0
 
@@ -587,22 +596,16 @@ async def test_values_of_the_wrong_sqlite_type(db: Database, tmp_path: Path) -> 
     path = tmp_path / "dash.db"
     async with SQLiteStorage(db_path=path) as old:
         await old.create_swarm(id="s", name="s", status="running")
-    con = sqlite3.connect(path)
-    with con:
-        con.execute(
-            "INSERT INTO agents (id, status, model, task, spawned_at, swarm_id, runtime, budget_limit,"
-            " retry_count, max_retries) VALUES ('a', 'idle', 'm', 't', '2025-01-27T00:00:00Z', 's',"
-            " 'long', 'cheap', -2, 1e12)"
-        )
-        con.execute(
-            "INSERT INTO events (id, timestamp, event_type, payload, swarm_id)"
-            " VALUES (X'01', '2025-01-27T00:00:00Z', 't', '{}', 's')"
-        )
-        con.execute(
-            "INSERT INTO events (id, timestamp, event_type, payload, source, swarm_id)"
-            " VALUES ('e5', 1738000000, 't', 5, 7, 's')"
-        )
-    con.close()
+    write_raw(
+        path,
+        "INSERT INTO agents (id, status, model, task, spawned_at, swarm_id, runtime, budget_limit,"
+        " retry_count, max_retries) VALUES ('a', 'idle', 'm', 't', '2025-01-27T00:00:00Z', 's',"
+        " 'long', 'cheap', -2, 1e12)",
+        "INSERT INTO events (id, timestamp, event_type, payload, swarm_id)"
+        " VALUES (X'01', '2025-01-27T00:00:00Z', 't', '{}', 's')",
+        "INSERT INTO events (id, timestamp, event_type, payload, source, swarm_id)"
+        " VALUES ('e5', 1738000000, 't', 5, 7, 's')",
+    )
     report = await import_sqlite(db, path)
     assert report.tables["agents"].written == 1 and report.tables["agents"].repaired == 1
     agent = await db.fetchrow("SELECT runtime, budget_limit, retry_count, max_retries FROM agents")
@@ -666,3 +669,67 @@ async def test_writers_reconnect_after_their_connections_are_killed(
         expected
     )
     assert await db.fetchval("SELECT count(*) FROM events") == len(expected)
+
+
+async def test_an_older_file_without_some_columns_reads_them_as_null(db: Database, tmp_path: Path) -> None:
+    """Columns an older legacy file lacks are read as NULL (and then repaired like any NULL)."""
+    path = tmp_path / "dash.db"
+    write_raw(
+        path,
+        "CREATE TABLE swarms (id TEXT PRIMARY KEY, name TEXT, status TEXT, created_at TEXT)",
+        "CREATE TABLE agents (id TEXT PRIMARY KEY, status TEXT, model TEXT, task TEXT, swarm_id TEXT)",
+        "CREATE TABLE events (id TEXT PRIMARY KEY, timestamp TEXT, event_type TEXT, swarm_id TEXT)",
+        "INSERT INTO swarms VALUES ('s', 'old', 'running', '2025-01-27T00:00:00Z')",
+        "INSERT INTO agents VALUES ('a', 'idle', 'm', 't', 's')",
+        "INSERT INTO events VALUES ('e', '2025-01-27T00:00:00Z', 'step', 's')",
+    )
+    report = await import_sqlite(db, path)
+    assert {t: (c.written, c.rejected) for t, c in report.tables.items()} == {
+        "swarms": (1, 0),
+        "budgets": (0, 0),
+        "agents": (1, 0),
+        "events": (1, 0),
+    }
+    swarm = await db.fetchrow("SELECT name, config, completed_at FROM swarms")
+    assert swarm["name"] == "old" and swarm["completed_at"] is None
+    assert swarm["config"] == {"legacy_id": "s"}
+    agent = await db.fetchrow("SELECT spawned_at, runtime, max_retries, metadata FROM agents")
+    assert agent["spawned_at"] == UNREADABLE_TIME and (agent["runtime"], agent["max_retries"]) == (0, 3)
+    event = await db.fetchrow("SELECT agent_id, payload, entity_type FROM events")
+    assert event["agent_id"] is None and event["payload"] == {} and event["entity_type"] == "system"
+
+
+@pytest.mark.parametrize("outcome", ["completed", "failed", "cancelled"])
+async def test_the_import_leaves_no_staging_table_behind(
+    db: Database, legacy: LegacyManifest, make_database: Any, outcome: str
+) -> None:
+    """The event writers' TEMP tables never reach the pool, whose hand-back does not reset sessions:
+    after an import, done, failed or cancelled while its writers are busy, no pooled connection and
+    no session of the database has one."""
+    target = await make_database(postgres_min_pool_size=2, postgres_max_pool_size=2)
+    running: list[asyncio.Future[ImportReport]] = []
+
+    def progress(table: str, done: int, total: int) -> None:
+        if table != "events" or outcome == "completed":
+            return
+        if outcome == "failed":
+            raise RuntimeError("stopped by the caller")
+        running[0].cancel()
+
+    running.append(
+        asyncio.ensure_future(import_sqlite(target, legacy.path, batch_size=500, progress=progress))
+    )
+    if outcome == "completed":
+        await running[0]
+    else:
+        with pytest.raises(RuntimeError if outcome == "failed" else asyncio.CancelledError):
+            await running[0]
+    async with target.acquire() as first, target.acquire() as second:
+        for con in (first, second):
+            assert await con.fetchval("SELECT to_regclass('pg_temp.dash_import_events')") is None
+    staged = "SELECT count(*) FROM pg_class WHERE relname = 'dash_import_events'"
+    for _ in range(200):  # a closed session drops its TEMP tables as its backend exits
+        if not await db.fetchval(staged):
+            break
+        await asyncio.sleep(0.05)
+    assert await db.fetchval(staged) == 0

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.legacy_factory import build_legacy_file
 from dash_storage.core.errors import ConflictError, DashStorageError, ValidationError
 from dash_storage.legacy import SQLiteStorage
 from dash_storage.legacy.sqlite import AGENT_COLUMNS, EVENT_COLUMNS, SWARM_COLUMNS
-from tests.legacy_factory import build_legacy_file
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """EXPLAIN guards: the hot queries use their intended index and never scan a big table sequentially.
 
 The SQL is captured from real repository calls (``RecordingDatabase`` records every statement
-before sending it), so the plans are those of exactly what the repositories send. The data are a
+before sending it), so the plans are those of exactly what the repositories send; for the event
+log, the guard explains the statement from the registry (``sql/events.sql`` by name, or the filter
+composer ``event_filters``) after checking that it is the one the call sent. The data are a
 scaled-down copy of the ``bench.queries`` benchmark's (a week of events in time order, as an
 append-only log is written, a skewed mix of types), plus sessions, budgets and a ledger, in a
 scratch database of their own (dropped afterwards), analysed before planning.
@@ -15,6 +17,7 @@ first plan and the one in use after ten executions are checked.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -26,12 +29,13 @@ import asyncpg
 import pytest
 
 from bench import queries as bench_queries
+from dash_storage import sql
 from dash_storage.core.config import Settings
 from dash_storage.core.database import Database, Record
 from dash_storage.migrations import MigrationRunner
 from dash_storage.repositories import agents as agent_sql
 from dash_storage.repositories import budgets as budget_sql
-from dash_storage.repositories import events as event_sql
+from dash_storage.repositories import event_filters
 from dash_storage.repositories import sessions as session_sql
 from dash_storage.repositories import swarms as swarm_sql
 from dash_storage.repositories.agents import AgentRepository
@@ -288,6 +292,15 @@ class Hot:
     indexes: set[str]  # must all appear in the plan
     tables: set[str]  # must not be scanned sequentially
     seeks: tuple[str, ...] = ()  # must be index conditions (the scan starts there), not filters
+    statement: str | None = None  # the registry's statement: what the call must send, and is planned
+
+
+EVENTS_SQL = sql.load("events")
+
+
+def find_events(filters: tuple[str, ...], order: str = "ASC", after: bool = False) -> str:
+    """The registry's statement of find_by_filter with these filters (see event_filters)."""
+    return event_filters.select_sql(filters, order, after)
 
 
 SWARM_IDX = "events_swarm_id_timestamp_idx"
@@ -295,26 +308,44 @@ SINCE = '"timestamp" >= '
 CURSOR_ASC = 'ROW("timestamp", id) > ROW('
 CURSOR_DESC = 'ROW("timestamp", id) < ROW('
 HOT: dict[str, Hot] = {
-    "events.find_by_filter(swarm, types, since, limit)": Hot(_filter, {SWARM_IDX}, {"events"}, (SINCE,)),
+    "events.find_by_filter(swarm, types, since, limit)": Hot(
+        _filter, {SWARM_IDX}, {"events"}, (SINCE,), find_events(("swarm_id", "types", "since"))
+    ),
     "events.find_by_filter(swarm, rare types, since, limit)": Hot(
-        _filter_rare, {SWARM_IDX}, {"events"}, (SINCE,)
+        _filter_rare, {SWARM_IDX}, {"events"}, (SINCE,), find_events(("swarm_id", "types", "since"))
     ),
     "events.find_by_filter(..., after=cursor)": Hot(
-        _filter_after, {SWARM_IDX}, {"events"}, (SINCE, CURSOR_ASC)
+        _filter_after,
+        {SWARM_IDX},
+        {"events"},
+        (SINCE, CURSOR_ASC),
+        find_events(("swarm_id", "types", "since"), after=True),
     ),
     "events.find_by_filter(swarm, order=desc, after=cursor)": Hot(
-        _filter_after_desc, {SWARM_IDX}, {"events"}, (CURSOR_DESC,)
+        _filter_after_desc, {SWARM_IDX}, {"events"}, (CURSOR_DESC,), find_events(("swarm_id",), "DESC", True)
     ),
-    "events.find_by_agent_id": Hot(_by_agent, {"events_agent_id_timestamp_idx"}, {"events"}),
-    "events.find_by_swarm_id": Hot(_by_swarm, {SWARM_IDX}, {"events"}),
-    "events.get_timeline": Hot(_timeline, {SWARM_IDX}, {"events"}, (SINCE,)),
+    "events.find_by_agent_id": Hot(
+        _by_agent, {"events_agent_id_timestamp_idx"}, {"events"}, (), find_events(("agent_id",), "DESC")
+    ),
+    "events.find_by_swarm_id": Hot(
+        _by_swarm, {SWARM_IDX}, {"events"}, (), find_events(("swarm_id",), "DESC")
+    ),
+    "events.get_timeline": Hot(
+        _timeline, {SWARM_IDX}, {"events"}, (SINCE,), find_events(("swarm_id", "since"))
+    ),
     "events.delete_older_than (one batch)": Hot(
-        _delete_batch, {"events_timestamp_idx", "events_pkey"}, {"events"}, ('"timestamp" < ',)
+        _delete_batch,
+        {"events_timestamp_idx", "events_pkey"},
+        {"events"},
+        ('"timestamp" < ',),
+        EVENTS_SQL["delete_events_batch"],
     ),
     # Holds at this size (a bitmap scan of the last day). Known limit: from a few million events on,
     # the planner prefers a sequential scan here, because it discounts the correlation of the
     # two-column (timestamp, id) index; a whole day is aggregated either way (see bench.queries).
-    "events.get_stats(24)": Hot(_stats, {"events_timestamp_idx"}, {"events"}, (SINCE,)),
+    "events.get_stats(24)": Hot(
+        _stats, {"events_timestamp_idx"}, {"events"}, (SINCE,), EVENTS_SQL["select_stats"]
+    ),
     "budgets.consume_budget (CONSUME)": Hot(
         _consume, {"budgets_pkey", "budget_ledger_idempotency_unique"}, {"budgets", "budget_ledger"}
     ),
@@ -326,8 +357,10 @@ HOT: dict[str, Hot] = {
 @pytest.mark.parametrize("name", list(HOT))
 async def test_hot_query_uses_its_index(data: Data, name: str) -> None:
     hot = HOT[name]
-    sql, args = await hot.capture(data)
-    plans = await plan(data.db, sql, args)
+    sent, args = await hot.capture(data)
+    if hot.statement is not None:
+        assert sent == hot.statement, f"{name}: the call did not send the registry's statement"
+    plans = await plan(data.db, hot.statement or sent, args)
     check(plans.first, hot, f"{name} (first plan)")
     check(plans.steady, hot, f"{name} (after {EXECUTIONS} executions)")
 
@@ -338,26 +371,26 @@ async def test_hot_query_uses_its_index(data: Data, name: str) -> None:
 async def test_helpers_build_what_the_repositories_send(data: Data) -> None:
     """bench/queries.py (and this file's readers) build the SQL from the module's helpers and
     constants; they must be exactly what the repositories send."""
-    sql, args = await _filter(data)
-    where = event_sql._where(True, False, True, False, False, True, False, after=None, first_param=2)
-    assert sql == event_sql._select_sql(where, "ASC")
+    sent, args = await _filter(data)
+    assert sent == find_events(("swarm_id", "types", "since"))
     assert args[0] == 100 and args[1] == data.swarm and list(args[2]) == bench_queries.COMMON_TYPES
 
-    sql, args = await data.db.capture(
+    sent, args = await data.db.capture(
         EventRepository(data.db).find_by_filter(
             swarm_id=data.swarm, types=bench_queries.RARE_TYPES, limit=100
         )
     )
-    where = event_sql._where(True, False, True, False, False, False, False, after=None, first_param=2)
-    assert (sql, args[:2]) == (event_sql._select_sql(where, "ASC"), (100, data.swarm))
+    assert (sent, args[:2]) == (find_events(("swarm_id", "types")), (100, data.swarm))
 
-    sql, args = await _by_agent(data)
-    where = event_sql._where(False, True, False, False, False, False, False, after=None, first_param=2)
-    assert (sql, args) == (event_sql._select_sql(where, "DESC"), (100, data.agent))
+    sent, args = await _by_agent(data)
+    assert (sent, args) == (find_events(("agent_id",), "DESC"), (100, data.agent))
 
-    sql, args = await _stats(data)
-    assert (sql, args) == (event_sql.SELECT_STATS, (24 * 3600.0,))
-    assert (await _delete_batch(data))[0] == event_sql.DELETE_EVENTS_BATCH
+    sent, args = await data.db.capture(EventRepository(data.db).count(swarm_id=data.swarm, severity="info"))
+    assert (sent, args) == (event_filters.count_sql(("swarm_id", "severity")), (data.swarm, "info"))
+
+    sent, args = await _stats(data)
+    assert (sent, args) == (EVENTS_SQL["select_stats"], (24 * 3600.0,))
+    assert (await _delete_batch(data))[0] == EVENTS_SQL["delete_events_batch"]
     assert (await _consume(data))[0] == budget_sql.CONSUME
     assert (await _cleanup_sessions(data))[0] == session_sql.DELETE_EXPIRED
     assert (await _agents_of_swarm(data))[0] == agent_sql.SELECT_AGENTS_BY_SWARM
@@ -372,7 +405,7 @@ def _named_statements() -> list[tuple[str, str]]:
     """Every complete statement kept as a module-level constant by the repositories (templates,
     which still hold ``{placeholders}``, and WHERE fragments excluded)."""
     found = []
-    for module in (swarm_sql, agent_sql, event_sql, session_sql, budget_sql):
+    for module in (swarm_sql, agent_sql, session_sql, budget_sql):
         for name, value in vars(module).items():
             if name.isupper() and not name.endswith("_TEMPLATE") and isinstance(value, str):
                 if _SQL_START.match(value):
@@ -385,7 +418,7 @@ STATEMENTS = _named_statements()
 
 def test_statements_are_found() -> None:
     names = {n for n, _ in STATEMENTS}
-    assert {"events.SELECT_STATS", "events.DELETE_EVENTS_BATCH", "budgets.CONSUME"} <= names
+    assert {"budgets.CONSUME"} <= names
     assert len(STATEMENTS) >= 30
 
 
@@ -398,4 +431,65 @@ async def test_every_named_statement_prepares(data: Data) -> None:
                 await con.prepare(sql)
             except asyncpg.PostgresError as exc:
                 failures.append(f"{name}: {exc}")
+    assert not failures, "\n".join(failures)
+
+
+# -- every composed filter variant of the event log keeps its index ------------------------------
+# (That every statement of the registry prepares, composed ones included, is test_sql_registry.py.)
+
+
+KEY_INDEXES = {"swarm_id": SWARM_IDX, "agent_id": "events_agent_id_timestamp_idx"}
+
+
+def _keyed_variants() -> Iterator[tuple[str, tuple[str, ...], str, bool]]:
+    """(kind, filters, order, after) of every composed statement that filters on swarm or agent."""
+    for k in range(1, len(event_filters.FILTERS) + 1):
+        for filters in itertools.combinations(event_filters.FILTERS, k):
+            if "swarm_id" not in filters and "agent_id" not in filters:
+                continue
+            yield "count", filters, "ASC", False
+            for order, after in itertools.product(event_filters.ORDERS, (False, True)):
+                yield "select", filters, order, after
+
+
+async def test_every_filter_variant_seeks_its_index_under_a_generic_plan(data: Data) -> None:
+    """Each statement with a swarm or agent filter seeks that column's index even in the value-blind
+    generic plan a pooled prepared statement may settle on (forced here), because every filter is a
+    plain condition of its own statement, never ``$n IS NULL OR column = $n``."""
+    values: dict[str, Any] = {
+        "swarm_id": data.swarm,
+        "agent_id": data.agent,
+        "types": bench_queries.COMMON_TYPES,
+        "entity_type": "agent",
+        "severity": "info",
+        "since": data.now - dt.timedelta(hours=24),
+        "until": data.now,
+    }
+    cursor = (data.now - dt.timedelta(hours=12), uuid.UUID(int=0))
+    failures = []
+    async with data.db.acquire() as con:
+        await con.execute("SET plan_cache_mode = force_generic_plan")
+        try:
+            for kind, filters, order, after in _keyed_variants():
+                given = tuple(values[f] for f in filters)
+                if kind == "count":
+                    text, args = event_filters.count_sql(filters), given
+                else:
+                    text = event_filters.select_sql(filters, order, after)
+                    args = (100, *given, *(cursor if after else ()))
+                plans, generic, _ = await bench_queries.prepared_plans(con, text, args, 1)
+                found = scans(plans[0])
+                used = {index for _, _, index in found}
+                conds = " AND ".join(n["Index Cond"] for n in _nodes(plans[0]["Plan"]) if "Index Cond" in n)
+                seq = [rel for node, rel, _ in found if node == "Seq Scan" and rel == "events"]
+                # At least one of the keys given is sought in its own index.
+                seeks = [
+                    k
+                    for k, index in KEY_INDEXES.items()
+                    if k in filters and index in used and f"{k} = " in conds
+                ]
+                if generic != 1 or seq or not seeks:
+                    failures.append(f"{kind} {filters} {order} after={after}: {found} ({conds!r})")
+        finally:
+            await con.execute("RESET plan_cache_mode")
     assert not failures, "\n".join(failures)

@@ -4,85 +4,44 @@ answer is lost after the write committed."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from dash_storage.core.config import Settings
-from dash_storage.core.database import Connection, Database
+from dash_storage.core.database import Database
 from dash_storage.core.errors import ConflictError, DashStorageError
 from dash_storage.core.ids import new_id
 from dash_storage.core.models import ConsumeStatus
 from dash_storage.repositories.budgets import BudgetRepository
 from dash_storage.repositories.events import EventRepository
-from tests.conftest import TEST_DB, admin_connect
-from tests.faults.workload import terminate_loop
+from tests.conftest import TEST_DB, MakeDatabase, admin_connect
+from tests.factories import make_budget, make_swarm
+from tests.faults.chaos import capped, gather_outcomes, sized, terminating_connections
+from tests.faults.databases import LostAnswerDatabase, RetryAttemptDatabase
 
-MakeDatabase = Callable[..., Awaitable[Database]]
-T = TypeVar("T")
-
-# Kills every pooled connection of the library on the test database (the admin connection running
-# it has another application_name, so it survives).
-
-
-async def make_swarm(db: Database) -> uuid.UUID:
-    swarm_id = new_id()
-    await db.execute("INSERT INTO swarms (id, name) VALUES ($1, 'chaos')", swarm_id, retry=True)
-    return swarm_id
+#: Creates under fire (a multiple of 11: ten single creates, then a batch of ten).
+CREATES = sized(55, 330)  # 100 events in make test, 600 in make soak
+#: Consumes under fire, with room in the budget for two thirds of them.
+CONSUMES = sized(90, 600)
 
 
-@contextlib.asynccontextmanager
-async def terminating_connections(settings: Settings, interval: float = 0.01) -> Any:
-    """While inside, terminate every 'dash-storage' connection to the test database every ``interval``.
-
-    Yields a one-item list holding the number of connections terminated so far.
-    """
-    admin = await admin_connect(settings, TEST_DB)
-    try:
-        async with terminate_loop(admin, interval) as killed:
-            yield killed
-    finally:
-        await admin.close()
-
-
-async def gather_outcomes(
-    jobs: Sequence[Callable[[], Awaitable[T]]], workers: int
-) -> list[tuple[int, T | BaseException]]:
-    """Run ``jobs`` on ``workers`` concurrent tasks; (job index, result or exception) for each."""
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(len(jobs)):
-        queue.put_nowait(i)
-    outcomes: list[tuple[int, T | BaseException]] = []
-
-    async def worker() -> None:
-        while not queue.empty():
-            i = queue.get_nowait()
-            try:
-                outcomes.append((i, await jobs[i]()))
-            except Exception as exc:
-                outcomes.append((i, exc))
-
-    await asyncio.gather(*(worker() for _ in range(workers)))
-    return sorted(outcomes, key=lambda o: o[0])
-
-
+@pytest.mark.soak
 async def test_events_created_while_connections_are_terminated_are_stored_exactly_once(
     db: Database, settings: Settings, make_database: MakeDatabase
 ) -> None:
-    swarm = await make_swarm(db)
-    chaos = await make_database(postgres_retry_attempts=10, postgres_retry_delay=20)
+    swarm = await make_swarm(db, "chaos")
+    chaos = capped(await make_database(postgres_retry_attempts=10, postgres_retry_delay=20))
     repo = EventRepository(chaos)
 
-    # 150 single creates and 15 batches of 10, interleaved: 300 events, ids chosen up front.
+    # Single creates and, every eleventh call, a batch of 10, interleaved; ids chosen up front.
     jobs: list[Callable[[], Awaitable[list[uuid.UUID]]]] = []
     planned: list[list[uuid.UUID]] = []
-    for n in range(165):
+    for n in range(CREATES):
         if n % 11 == 10:
             ids = [new_id() for _ in range(10)]
 
@@ -99,7 +58,7 @@ async def test_events_created_while_connections_are_terminated_are_stored_exactl
 
             jobs.append(one)
         planned.append(ids)
-    assert sum(len(p) for p in planned) == 300
+    assert sum(len(p) for p in planned) == CREATES // 11 * 20  # each 11 calls: 10 singles, 1 batch of 10
 
     async with terminating_connections(settings) as killed:
         outcomes = await gather_outcomes(jobs, workers=16)
@@ -140,15 +99,17 @@ async def test_events_created_while_connections_are_terminated_are_stored_exactl
         print(n, text)
 
 
+@pytest.mark.soak
 async def test_consumes_while_connections_are_terminated_charge_once_per_key(
     db: Database, settings: Settings, make_database: MakeDatabase
 ) -> None:
-    budget = await BudgetRepository(db).create("swarm", await make_swarm(db), allocated=Decimal("2.00"))
-    chaos = await make_database(postgres_retry_attempts=10, postgres_retry_delay=20)
+    room = CONSUMES * 2 // 3
+    budget = await make_budget(db, Decimal("0.01") * room, name="chaos")
+    chaos = capped(await make_database(postgres_retry_attempts=10, postgres_retry_delay=20))
     repo = BudgetRepository(chaos)
-    keys = [f"call-{i}" for i in range(300)]  # room for 200 of them
+    keys = [f"call-{i}" for i in range(CONSUMES)]
     jobs = [
-        lambda key=key: repo.try_consume(budget.id, 1, Decimal("0.01"), idempotency_key=key)  # type: ignore[misc]
+        lambda key=key: repo.try_consume(budget, 1, Decimal("0.01"), idempotency_key=key)  # type: ignore[misc]
         for key in keys
     ]
 
@@ -170,7 +131,7 @@ async def test_consumes_while_connections_are_terminated_charge_once_per_key(
         admin = await admin_connect(settings, TEST_DB)
         try:
             entries = await admin.fetch("SELECT idempotency_key, cost, tokens FROM budget_ledger")
-            row = await admin.fetchrow("SELECT consumed, used_tokens FROM budgets WHERE id = $1", budget.id)
+            row = await admin.fetchrow("SELECT consumed, used_tokens FROM budgets WHERE id = $1", budget)
         finally:
             await admin.close()
         assert row is not None
@@ -180,7 +141,7 @@ async def test_consumes_while_connections_are_terminated_charge_once_per_key(
 
     ledger_keys, ledger_cost, ledger_tokens, consumed, used = await charged()
     assert (consumed, used) == (ledger_cost, ledger_tokens)  # counters == ledger, always
-    assert consumed <= Decimal("2.00")
+    assert consumed <= Decimal("0.01") * room
     assert granted <= ledger_keys <= granted | raised  # charged: every grant, plus maybe lost answers
     assert killed[0] > 0
 
@@ -188,50 +149,19 @@ async def test_consumes_while_connections_are_terminated_charge_once_per_key(
     # second charge for the ones whose answer was lost.
     calm = BudgetRepository(db)
     for key in sorted(raised):
-        result = await calm.try_consume(budget.id, 1, "0.01", idempotency_key=key)
+        result = await calm.try_consume(budget, 1, "0.01", idempotency_key=key)
         # DUPLICATE = the lost attempt had charged; GRANTED = it had not; INSUFFICIENT = full.
         assert result.status is not ConsumeStatus.NOT_FOUND, key
         if result.granted:
             granted.add(key)
     ledger_keys, ledger_cost, ledger_tokens, consumed, used = await charged()
     assert ledger_keys == granted
-    assert consumed == ledger_cost == Decimal("0.01") * len(granted) == Decimal("2.00")
-    assert used == ledger_tokens == len(granted) == 200
+    assert consumed == ledger_cost == Decimal("0.01") * len(granted) == Decimal("0.01") * room
+    assert used == ledger_tokens == len(granted) == room
     print(f"\nterminated {killed[0]} connections; {len(raised)} consumes raised, settled by asking again")
 
 
 # -- an answer lost after the write committed -------------------------------------------------------
-
-
-class LostAnswerDatabase(Database):
-    """A real Database that, for every retried call, runs it once, throws the answer away (as if the
-    connection dropped after COMMIT) and runs it again as a retry attempt. ``replays`` counts them."""
-
-    replays = 0
-
-    async def _call(
-        self, method: str, query: str, args: Sequence[Any], retry: bool, timeout: float | None
-    ) -> Any:
-        if retry:
-            self.replays += 1
-            await super()._call(method, query, args, False, timeout)
-        return await super()._call(method, query, args, False, timeout)
-
-    async def run(
-        self, fn: Callable[[Connection, int], Awaitable[T]], *, retry: bool = False, transaction: bool = False
-    ) -> T:
-        if not retry:
-            return await super().run(fn, transaction=transaction)
-
-        async def first(con: Connection, _: int) -> T:
-            return await fn(con, 1)
-
-        async def second(con: Connection, _: int) -> T:
-            return await fn(con, 2)
-
-        self.replays += 1
-        await super().run(first, transaction=transaction)
-        return await super().run(second, transaction=transaction)
 
 
 @pytest.fixture
@@ -273,22 +203,6 @@ async def test_lost_answer_consume_is_granted_and_charged_once(
     created = await repo.create("project", uuid.uuid4(), allocated=1)
     assert await BudgetRepository(db).find_by_id(created.id) == created
     assert lossy.replays == 5
-
-
-class RetryAttemptDatabase(Database):
-    """Runs every retried operation directly as attempt 2, as after a transient failure of a first
-    attempt that wrote nothing (a deadlock, a connection lost before the write)."""
-
-    async def run(
-        self, fn: Callable[[Connection, int], Awaitable[T]], *, retry: bool = False, transaction: bool = False
-    ) -> T:
-        if not retry:
-            return await super().run(fn, transaction=transaction)
-
-        async def second(con: Connection, _: int) -> T:
-            return await fn(con, 2)
-
-        return await super().run(second, transaction=transaction)
 
 
 @pytest.mark.parametrize("size", [1, 5, 200], ids=["create", "insert-batch", "copy-batch"])

@@ -14,16 +14,9 @@ from dash_storage import ConflictError, Database, ValidationError
 from dash_storage.core.ids import new_id
 from dash_storage.core.models import Session
 from dash_storage.repositories.sessions import SessionRepository
+from tests.factories import snapshot
 
 UTC = dt.UTC
-
-
-async def snapshot(db: Database) -> list[Any]:
-    """Every row of the tables these repositories touch, to prove that nothing changed."""
-    out: list[Any] = []
-    for table in ("swarms", "agents", "sessions", "budgets"):
-        out.append(await db.fetch(f"SELECT to_jsonb(t) FROM {table} t ORDER BY id"))
-    return out
 
 
 async def db_time(db: Database, offset: dt.timedelta = dt.timedelta(0)) -> dt.datetime:

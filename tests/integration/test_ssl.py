@@ -1,4 +1,4 @@
-"""TLS to PostgreSQL (issue 7, point 5): POSTGRES_SSL require / verify-ca / verify-full with a CA file,
+"""TLS to PostgreSQL: POSTGRES_SSL require / verify-ca / verify-full with a CA file,
 on the POSTGRES_* path and on the DATABASE_URL path.
 
 A throwaway PostgreSQL 15 cluster (tests/ssl_server.py) accepts only TLS connections and presents a

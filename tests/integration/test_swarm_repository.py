@@ -15,16 +15,10 @@ from dash_storage.core.ids import new_id
 from dash_storage.core.models import Swarm, SwarmSummary
 from dash_storage.repositories.agents import AgentRepository
 from dash_storage.repositories.swarms import SwarmRepository
+from tests.factories import snapshot
+from tests.faults.databases import RetryAttemptDatabase
 
 UTC = dt.UTC
-
-
-async def snapshot(db: Database) -> list[Any]:
-    """Every row of the tables these repositories touch, to prove that nothing changed."""
-    out: list[Any] = []
-    for table in ("swarms", "agents", "sessions", "budgets"):
-        out.append(await db.fetch(f"SELECT to_jsonb(t) FROM {table} t ORDER BY id"))
-    return out
 
 
 async def test_create_and_find(db: Database) -> None:
@@ -61,15 +55,8 @@ async def test_create_honours_id_and_rejects_duplicate(db: Database) -> None:
 
 
 async def test_retried_create_returns_the_row_of_the_lost_attempt(db: Database, settings: Any) -> None:
-    class SecondAttempt(Database):
-        """Runs every ``run`` as a retry (attempt 2), as after a lost answer."""
-
-        async def run(self, fn: Any, *, retry: bool = False, transaction: bool = False) -> Any:
-            async with self.acquire() as con:
-                return await fn(con, 2)
-
     first = await SwarmRepository(db).create("lost answer")
-    retry_db = SecondAttempt(settings)
+    retry_db = RetryAttemptDatabase(settings)  # the create's retry, as after a lost answer
     try:
         again = await SwarmRepository(retry_db).create("lost answer", id=first.id)
     finally:

@@ -1,4 +1,6 @@
-"""docker-compose.yml says what SPEC section 9 promises (there is no Docker engine here: we parse it)."""
+"""docker-compose.yml as the README's "Containers" section describes it (PostgreSQL and Redis on
+localhost only, persistent data, the admin tools behind a profile), with health checks (there is no
+Docker engine here: we parse the file)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dash_storage.core.config import Settings, load_settings
-from dash_storage.core.errors import ConfigurationError, DatabaseUnavailableError, scrub
+from dash_storage.core.errors import ConfigurationError, DatabaseUnavailableError, map_error, scrub
 
 VARS = [
     "POSTGRES_HOST",
@@ -151,6 +151,24 @@ def test_password_never_shown(clean_env: Path, monkeypatch: pytest.MonkeyPatch) 
     )
     assert secret not in str(err)
     assert secret not in scrub(f"postgresql://me:{secret}@x/y")
+
+
+def test_building_settings_registers_their_secrets_for_every_error(clean_env: Path) -> None:
+    """The password is hidden from the moment a Settings object holding it exists, also in a
+    driver's own message that quotes it outside any URL (what map_error turns into our errors)."""
+    password, in_url, in_redis = "pw-Settings-4711", "url-Secret-0815", "redis-Secret-2342"
+    assert scrub(f"login {password} {in_url} {in_redis}") == f"login {password} {in_url} {in_redis}"
+    Settings(
+        postgres_password=password,
+        database_url=f"postgresql://me:{in_url}@db.example/dash",
+        redis_url=f"redis://:{in_redis}@cache:6379/0",
+    )
+    driver_said = OSError(f"connect as me with password {password} ({in_url}, {in_redis}) refused")
+    mapped = map_error(driver_said, context="opening the pool")
+    assert isinstance(mapped, DatabaseUnavailableError)
+    for text in (str(mapped), repr(mapped), scrub(f"login {password} {in_url} {in_redis}")):
+        assert password not in text and in_url not in text and in_redis not in text
+    assert "refused" in str(mapped) and "***" in str(mapped)
 
 
 def test_bad_password_url_is_not_echoed(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -155,8 +155,8 @@ async def test_a_server_that_is_down_is_tried_attempts_plus_one_times(
 
 
 async def _import(db: Database, tmp_path: Path) -> None:
+    from bench.legacy_factory import build_legacy_file
     from dash_storage.legacy.importer import import_sqlite
-    from tests.legacy_factory import build_legacy_file
 
     path = tmp_path / "dash.db"
     build_legacy_file(path, swarms=2, agents=3, events=10, anomalies=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import asdict
 from decimal import Decimal
 from typing import Annotated, Any
@@ -22,37 +24,81 @@ from dash_storage.cli.simulation import (
 from dash_storage.cli.tables import cell, new_table, print_table
 from dash_storage.core.database import Database
 from dash_storage.core.errors import ValidationError
+from dash_storage.core.models import Event
 from dash_storage.migrations.runner import MigrationRunner
+from dash_storage.stream import Follower
 
 
 async def _demo(
     agents: int, seconds: float, allocated: Decimal, quiet: bool
-) -> tuple[DemoResult, list[str], str]:
+) -> tuple[DemoResult, list[str], str, list[Event]]:
     async with Database() as db:
         applied = await MigrationRunner(db).migrate()
         where = db.settings.target
-        if quiet:
-            return await run_demo(db, agents=agents, seconds=seconds, allocated=allocated), applied, where
-        columns = (
-            TextColumn("{task.description:<18}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-        )
-        with Progress(*columns, console=console, transient=False) as bar:
-            spawned = bar.add_task("agents spawned", total=agents)
-            finished = bar.add_task("agents finished", total=agents)
-            spend = bar.add_task("budget spent (¢)", total=int(allocated * 100))
-            events = bar.add_task("events written", total=None)
+        live: list[Event] = []
+        # A follower watches the log from now, as a dashboard would: every event of the demo
+        # arrives once, as its transaction commits.
+        async with Follower(db) as stream:
 
-            def show(p: DemoProgress) -> None:
-                bar.update(spawned, completed=p.agents_spawned)
-                bar.update(finished, completed=p.agents_finished)
-                bar.update(spend, completed=int(p.spent * 100))
-                bar.update(events, completed=p.events)
+            async def watch() -> None:
+                async for event in stream:
+                    live.append(event)
 
-            result = await run_demo(db, agents=agents, seconds=seconds, allocated=allocated, on_progress=show)
-        return result, applied, where
+            watcher = asyncio.create_task(watch())
+            try:
+                if quiet:
+                    result = await run_demo(db, agents=agents, seconds=seconds, allocated=allocated)
+                else:
+                    result = await _with_progress(db, agents, seconds, allocated, live)
+                for _ in range(500):  # the last commits reach the follower (bounded: 5 s)
+                    if sum(e.swarm_id == result.swarm_id for e in live) >= result.progress.events:
+                        break
+                    await asyncio.sleep(0.01)
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+        return result, applied, where, [e for e in live if e.swarm_id == result.swarm_id]
+
+
+async def _with_progress(
+    db: Database, agents: int, seconds: float, allocated: Decimal, live: list[Event]
+) -> DemoResult:
+    columns = (
+        TextColumn("{task.description:<18}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        spawned = bar.add_task("agents spawned", total=agents)
+        finished = bar.add_task("agents finished", total=agents)
+        spend = bar.add_task("budget spent (¢)", total=int(allocated * 100))
+        events = bar.add_task("events written", total=None)
+        followed = bar.add_task("events followed", total=None)
+
+        def show(p: DemoProgress) -> None:
+            bar.update(spawned, completed=p.agents_spawned)
+            bar.update(finished, completed=p.agents_finished)
+            bar.update(spend, completed=int(p.spent * 100))
+            bar.update(events, completed=p.events)
+            bar.update(followed, completed=len(live))
+
+        return await run_demo(db, agents=agents, seconds=seconds, allocated=allocated, on_progress=show)
+
+
+def _render_stream(live: list[Event], written: int) -> None:
+    console.print(
+        f"[bold]Live stream[/]: a follower received {len(live)} of the {written} events as they "
+        "committed, each once (dash-db events --follow shows them; dash-db relay copies them to Redis)."
+    )
+    table = new_table(
+        "the last events, as they arrived",
+        [("timestamp", "id"), ("type", "text"), ("severity", "text"), ("agent_id", "id")],
+    )
+    for e in live[-5:]:
+        table.add_row(cell(e.timestamp), cell(e.type), cell(e.severity), cell(e.agent_id))
+    print_table(table)
 
 
 def _render(result: DemoResult, applied: list[str], where: str) -> None:
@@ -181,11 +227,13 @@ def demo(
         agents, seconds, allocated = check_demo_options(agents, seconds, budget)
     except ValidationError as exc:
         raise usage_error(_OPTION_OF.get(exc.field, exc.field), exc.problem) from None
-    result, applied, where = run(_demo(agents, seconds, allocated, quiet=json_out))
+    result, applied, where, live = run(_demo(agents, seconds, allocated, quiet=json_out))
     if json_out:
         data: dict[str, Any] = asdict(result)
         data["migrations_applied"] = applied
         data["target"] = where
+        data["events_followed_live"] = len(live)
         print_json(data)
     else:
         _render(result, applied, where)
+        _render_stream(live, result.progress.events)

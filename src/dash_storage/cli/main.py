@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from dash_storage.cli import demo, importer, migrate, server, views
+from dash_storage.cli import demo, importer, migrate, server, stream, views
 from dash_storage.cli.common import fail
 from dash_storage.cli.help import DashCommand, DashGroup
 from dash_storage.core.errors import DashStorageError
@@ -29,6 +29,7 @@ app.command("doctor", cls=DashCommand)(server.doctor)
 app.add_typer(migrate.app, name="migrate")
 app.command("import-sqlite", cls=DashCommand)(importer.import_sqlite)
 app.command("demo", cls=DashCommand)(demo.demo)
+app.command("relay", cls=DashCommand)(stream.relay)
 views.register(app)
 
 

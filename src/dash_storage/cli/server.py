@@ -16,6 +16,7 @@ from dash_storage.core.database import Database
 from dash_storage.core.errors import DashStorageError
 from dash_storage.migrations.runner import MigrationRunner
 from dash_storage.server import embedded
+from dash_storage.stream.cursors import stream_report
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 
@@ -106,9 +107,17 @@ async def _doctor(settings: Settings) -> dict[str, Any]:
         report["health"] = asdict(health)
         report["pool"] = asdict(db.stats())
         report["migrations"] = await _migration_state(db)
+        report["stream"] = await _stream_state(db)
     finally:
         await db.close()
     return report
+
+
+async def _stream_state(db: Database) -> dict[str, Any]:
+    try:
+        return await stream_report(db)
+    except DashStorageError as exc:  # e.g. not migrated yet
+        return {"error": str(exc)}
 
 
 async def _migration_state(db: Database) -> dict[str, Any]:
@@ -123,8 +132,29 @@ async def _migration_state(db: Database) -> dict[str, Any]:
     return counts
 
 
+def _print_stream(st: dict[str, Any]) -> None:
+    if "error" in st:
+        console.print(f"stream: {st['error']}", highlight=False)
+        return
+    oldest = st["oldest_open_transaction"]
+    if oldest is None:
+        console.print("stream: no open transaction holds followers back", highlight=False)
+    else:
+        console.print(
+            f"stream: oldest open transaction {oldest['age_s']:.1f} s old (pid {oldest['pid']}, "
+            f"{oldest['application'] or '-'} on {oldest['database']}, {oldest['state']}); "
+            "followers wait for it",
+            highlight=False,
+        )
+    for c in st["cursors"]:
+        lag = "up to date" if not c["behind"] else f"{c['behind']} events behind"
+        if c["oldest_behind_s"] is not None:
+            lag += f", oldest {c['oldest_behind_s']:.1f} s old"
+        console.print(f"  reader {c['name']}: {lag}", highlight=False)
+
+
 def doctor(json_out: JsonOpt = False) -> None:
-    """Show the configuration (secrets hidden), server version, pool and migration state."""
+    """Show the configuration (secrets hidden), server version, pool, migrations and stream lag."""
     settings = load_settings()
     report = run(_doctor(settings))
     if json_out:
@@ -153,6 +183,7 @@ def doctor(json_out: JsonOpt = False) -> None:
             m = report["migrations"]
             states = ", ".join(f"{n} {state}" for state, n in sorted(m.items()) if isinstance(n, int))
             console.print(f"migrations: {states or m.get('error', 'none')}")
+            _print_stream(report["stream"])
         else:
             console.print(f"[red]cannot connect:[/] {report.get('error', report.get('health'))}")
     if not report.get("connected"):

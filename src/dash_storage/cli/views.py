@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from dash_storage.cli import stream
 from dash_storage.cli.common import print_json, run, usage_error
 from dash_storage.cli.help import DashCommand
 from dash_storage.cli.since import parse_since
@@ -27,6 +28,7 @@ from dash_storage.repositories.budgets import BudgetRepository
 from dash_storage.repositories.events import EventRepository
 from dash_storage.repositories.sessions import SessionRepository
 from dash_storage.repositories.swarms import SwarmRepository
+from dash_storage.stream.position import decode
 
 T = TypeVar("T")
 
@@ -157,11 +159,58 @@ def events(
     hours: Annotated[
         float | None, typer.Option(min=0, max=876_000, help="Only the last N hours (like --since Nh).")
     ] = None,
-    limit: LimitOpt = 50,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=10_000,
+            help="At most this many rows (default 50); with --follow, stop after this many.",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow",
+            help="Print events as they commit, oldest first, until Ctrl-C (JSON lines with --json, each "
+            "with the cursor to resume after it). Starts from now unless --from-start or --after.",
+        ),
+    ] = False,
+    from_start: Annotated[
+        bool, typer.Option("--from-start", help="With --follow: start at the first event of the log.")
+    ] = False,
+    after: Annotated[
+        str | None,
+        typer.Option(
+            metavar="CURSOR", help="With --follow: continue after this cursor (from an earlier run)."
+        ),
+    ] = None,
 ) -> None:
-    """List events, newest first, with filters."""
+    """List events, newest first, with filters; or follow them as they commit (--follow)."""
     swarm_id, agent_id = _uuid(swarm, "--swarm"), _uuid(agent, "--agent")
+    if (from_start or after is not None) and not follow:
+        raise usage_error("--from-start" if from_start else "--after", "only goes with --follow")
+    if follow:
+        if since is not None or hours is not None:
+            raise usage_error("--since" if since is not None else "--hours", "does not go with --follow")
+        if from_start and after is not None:
+            raise usage_error("--after", "give --after or --from-start, not both")
+        if after is not None:
+            try:
+                decode(after)
+            except ValidationError as exc:
+                raise usage_error("--after", exc.problem) from None
+        stream.follow_events(
+            swarm_id=swarm_id,
+            agent_id=agent_id,
+            types=type_,
+            severity=severity.value if severity is not None else None,
+            after=after,
+            from_start=from_start,
+            limit=limit,
+            json_out=json_out,
+        )
+        return
     start = _since(since, hours)
 
     async def query(db: Database) -> Any:
@@ -174,7 +223,7 @@ def events(
             types=type_,
             severity=severity,
             since=moment,
-            limit=limit,
+            limit=limit if limit is not None else 50,
             order="desc",
         )
 

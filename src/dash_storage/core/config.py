@@ -146,11 +146,26 @@ class Settings(BaseSettings):
                 f"POSTGRES_MAX_POOL_SIZE ({self.postgres_max_pool_size}) is below "
                 f"POSTGRES_MIN_POOL_SIZE ({self.postgres_min_pool_size})"
             )
-        register_secret(self.postgres_password.get_secret_value())
-        if self.database_url is not None:
-            register_secret(urlsplit(self.database_url.get_secret_value()).password)
-        register_secret(urlsplit(self.redis_url.get_secret_value()).password)
         return self
+
+    @model_validator(mode="after")
+    def _register_secrets(self) -> Settings:
+        """Hand every secret of these settings to the error scrubber as soon as they are valid.
+
+        From then on no DashStorageError, log line or CLI output built by the package can show
+        them, not even a driver message that quotes one: the settings are where the password
+        comes in, so they are where it is registered, before anything can connect with it.
+        """
+        for secret in self._secrets():
+            register_secret(secret)
+        return self
+
+    def _secrets(self) -> list[str | None]:
+        """POSTGRES_PASSWORD and the passwords inside DATABASE_URL and REDIS_URL."""
+        urls = (self.database_url, self.redis_url)
+        return [self.postgres_password.get_secret_value()] + [
+            urlsplit(url.get_secret_value()).password for url in urls if url is not None
+        ]
 
     # -- derived values -------------------------------------------------------------------------
 

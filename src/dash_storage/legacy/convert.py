@@ -35,20 +35,22 @@ from dash_storage.legacy.report import Batch, Reject, RowRepairs
 from dash_storage.legacy.values import (
     BIGINT_MAX,
     INT_MAX,
-    dumps,
+    NOT_JSON,
+    NOT_OBJECT,
+    NUL_REMOVED,
     id_label,
     id_problem,
+    int_column,
     json_column,
     json_object,
     json_value,
+    jsonb_text,
     optional_time,
     parse_time,
     raw,
     required_time,
-    show,
     strip_nul,
     text_value,
-    to_int,
     to_money,
     unreadable_time,
 )
@@ -65,6 +67,13 @@ _SEVERITIES: Final[Mapping[str, str]] = {
     "trace": "debug",
 }
 _LOSSY: Final = "text that was not valid UTF-8: bad bytes replaced with U+FFFD"
+
+
+def _repair(fix: RowRepairs | None, batch: Batch, lid: str, field: str, action: str) -> RowRepairs:
+    """Record a repair of an event; its row's RowRepairs is made on the first (most events have none)."""
+    fix = fix if fix is not None else RowRepairs(batch, "events", lid)
+    fix.add(field, action)
+    return fix
 
 
 # -- swarms -----------------------------------------------------------------------------------------
@@ -106,17 +115,9 @@ def convert_swarms(rows: list[tuple[Any, ...]], lossy: set[int]) -> Batch:
             cfg["legacy_agents"] = json_value(agents, "agents", fix)
         if metrics is not None:
             cfg["legacy_metrics"] = json_value(metrics, "metrics", fix)
-        created, readable = required_time(created_at, "created_at", fix)
-        if not readable and created_at is not None:
-            cfg["legacy_created_at"] = raw(created_at)
-        cfg_text, nul = dumps(cfg)
-        if nul:
-            fix.add("config", "NUL characters removed")
-        completed = None
-        if completed_at is not None and completed_at != "":
-            completed = parse_time(completed_at)
-            if completed is None:
-                fix.add("completed_at", f"unreadable timestamp {show(completed_at)}; set to NULL")
+        created = required_time(created_at, "created_at", fix, keep=cfg, key="legacy_created_at")
+        cfg_text = jsonb_text(cfg, "config", fix)
+        completed = optional_time(completed_at, "completed_at", fix)
         batch.records.append((sid, name_text, cfg_text, new_status, created, completed))
         batch.ids.append(sid)
         batch.new_refs[lid] = sid
@@ -211,21 +212,11 @@ def convert_agents(rows: list[tuple[Any, ...]], swarms: Mapping[str, SwarmRef], 
             children = json_value(child_ids, "child_ids", fix)
             if children != []:
                 meta["legacy_child_ids"] = children
-        spawned, readable = required_time(spawned_at, "spawned_at", fix)
-        if not readable and spawned_at is not None:
-            meta["legacy_spawned_at"] = raw(spawned_at)
-        meta_text, nul = dumps(meta)
-        if nul:
-            fix.add("metadata", "NUL characters removed")
-        runtime_value, note = to_int(runtime, 0, BIGINT_MAX)
-        if note:
-            fix.add("runtime", note)
-        retries, note = to_int(retry_count, 0, INT_MAX)
-        if note:
-            fix.add("retry_count", note)
-        max_retry, note = to_int(max_retries, 3, INT_MAX)
-        if note:
-            fix.add("max_retries", note)
+        spawned = required_time(spawned_at, "spawned_at", fix, keep=meta, key="legacy_spawned_at")
+        meta_text = jsonb_text(meta, "metadata", fix)
+        runtime_value = int_column(runtime, "runtime", fix, default=0, maximum=BIGINT_MAX)
+        retries = int_column(retry_count, "retry_count", fix, default=0, maximum=INT_MAX)
+        max_retry = int_column(max_retries, "max_retries", fix, default=3, maximum=INT_MAX)
         limit, limit_note, limit_err = to_money(budget_limit)
         if limit_err:
             fix.add("budget_limit", f"{limit_err}; set to NULL")
@@ -292,8 +283,7 @@ def convert_events(
             continue
         fix: RowRepairs | None = None
         if lossy and rowid in lossy:
-            fix = RowRepairs(batch, "events", lid)
-            fix.add("*", _LOSSY)
+            fix = _repair(fix, batch, lid, "*", _LOSSY)
         # swarm and agent
         swarm_uuid: uuid.UUID | None = None
         if swarm_key is not None and swarm_key != "":
@@ -307,14 +297,16 @@ def convert_events(
             agent = agents.get(agent_key)
             if agent is None:
                 missing_agent = raw(agent_key)
-                fix = fix or RowRepairs(batch, "events", lid)
-                fix.add("agent_id", f"agent {missing_agent!r} not found; agent_id set to NULL")
+                fix = _repair(
+                    fix, batch, lid, "agent_id", f"agent {missing_agent!r} not found; agent_id set to NULL"
+                )
             else:
                 agent_uuid = agent[0]
                 if swarm_uuid is None:
                     swarm_uuid = agent[1]
-                    fix = fix or RowRepairs(batch, "events", lid)
-                    fix.add("swarm_id", "missing swarm_id; taken from the event's agent")
+                    fix = _repair(
+                        fix, batch, lid, "swarm_id", "missing swarm_id; taken from the event's agent"
+                    )
         if swarm_uuid is None:
             rejects.append(Reject("events", lid, "event has no swarm_id and no known agent to take it from"))
             continue
@@ -326,22 +318,19 @@ def convert_events(
                 value = loads(payload)
             except decode_error:
                 value = {"_legacy_raw": raw(payload)}
-                fix = fix or RowRepairs(batch, "events", lid)
-                fix.add("payload", "not JSON; kept as {'_legacy_raw': text}")
+                fix = _repair(fix, batch, lid, "payload", NOT_JSON)
             if value.__class__ is dict:
                 body = value
             else:
                 body = {"_legacy_value": value}
-                fix = fix or RowRepairs(batch, "events", lid)
-                fix.add("payload", "not a JSON object; kept as {'_legacy_value': value}")
+                fix = _repair(fix, batch, lid, "payload", NOT_OBJECT)
         entity_type = "agent" if agent_key else "system"
         if source is not None:
             try:
                 src = loads(source)
             except decode_error:
                 src = {"_legacy_raw": raw(source)}
-                fix = fix or RowRepairs(batch, "events", lid)
-                fix.add("source", "not JSON; kept as {'_legacy_raw': text}")
+                fix = _repair(fix, batch, lid, "source", NOT_JSON)
             else:
                 if src.__class__ is dict:
                     kind = src.get("type")
@@ -363,10 +352,8 @@ def convert_events(
             if parsed is not None:
                 when = parsed
             else:
-                fix = fix or RowRepairs(batch, "events", lid)
-                when = unreadable_time(ts, "timestamp", fix)
-                if ts is not None:
-                    body["_legacy_timestamp"] = raw(ts)
+                fix = fix if fix is not None else RowRepairs(batch, "events", lid)
+                when = unreadable_time(ts, "timestamp", fix, keep=body, key="_legacy_timestamp")
         severity = "info"
         level = body.get("severity") or body.get("level")
         if level.__class__ is str:
@@ -375,17 +362,14 @@ def convert_events(
         body_text = orjson_dumps(body).decode()
         if "\\u0000" in body_text:
             body_text = orjson_dumps(strip_nul(body)).decode()
-            fix = fix or RowRepairs(batch, "events", lid)
-            fix.add("payload", "NUL characters removed")
+            fix = _repair(fix, batch, lid, "payload", NUL_REMOVED)
         # type
         if event_type.__class__ is not str or not event_type:
-            fix = fix or RowRepairs(batch, "events", lid)
-            fix.add("event_type", f"missing event type; set to {EVENT_TYPE_DEFAULT!r}")
+            fix = _repair(fix, batch, lid, "event_type", f"missing event type; set to {EVENT_TYPE_DEFAULT!r}")
             event_type = EVENT_TYPE_DEFAULT
         elif "\x00" in event_type:
             event_type = event_type.replace("\x00", "")
-            fix = fix or RowRepairs(batch, "events", lid)
-            fix.add("event_type", "NUL characters removed")
+            fix = _repair(fix, batch, lid, "event_type", NUL_REMOVED)
         event_uuid = legacy_uuid("events", lid)
         records.append(
             (event_uuid, swarm_uuid, agent_uuid, event_type, body_text, when, entity_type, severity)

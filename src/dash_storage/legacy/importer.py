@@ -16,8 +16,10 @@ agent and event, and returns an :class:`ImportReport`. What it does, and why:
   with one ``INSERT INTO events SELECT ... ON CONFLICT (id) DO NOTHING``, one transaction per
   batch. PostgreSQL's side (index and foreign-key maintenance) is the bottleneck, so two writer
   connections take turns while Python reads and converts the next batch; a writer that loses
-  its connection reconnects and re-writes its batch. A pool of one connection works too (one
-  writer). References to rows outside the file are looked up once, before the events.
+  its connection reconnects and re-writes its batch. A writer's connection is closed when it is
+  done rather than handed back with its TEMP table, as the pool expects connections without
+  session state. A pool of one connection works too (one writer). References to rows outside the
+  file are looked up once, before the events.
 * **Nothing dropped silently.** Every rejected row and every repair is written to a JSON-lines
   report file (next to the input unless ``report_path`` is given), with a reason.
 * **Dry run** (``dry_run=True``) reads and converts everything and asks PostgreSQL which rows
@@ -229,7 +231,8 @@ class _Importer:
         that yield to the event loop; up to :data:`_EVENT_WRITERS` writers, each on its own
         connection with its own session TEMP table, write them (one transaction per batch), so
         PostgreSQL inserts while Python converts. A writer hit by a transient failure reconnects
-        and re-writes the batch it held (idempotent), then carries on.
+        and re-writes the batch it held (idempotent), then carries on; its connection is closed
+        when it stops, never returned to the pool.
         """
         # References to swarms/agents that are not in the file are looked up once, up front, so
         # the writers never wait for a look-up (and a pool of one connection still works).

@@ -12,8 +12,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, Final, TypeAlias
 
-from asyncpg.pgproto.pgproto import UUID as _FastUUID
-
+from dash_storage.core import driver
 from dash_storage.core.models import AgentStatus, LifecycleState, SwarmStatus
 
 __all__ = [
@@ -91,6 +90,8 @@ SwarmRef: TypeAlias = uuid.UUID | None
 AgentRef: TypeAlias = tuple[uuid.UUID, uuid.UUID] | None
 
 _NS_SHA1: Final = hashlib.sha1(LEGACY_NAMESPACE.bytes, usedforsecurity=False)
+# asyncpg's own uuid.UUID subclass: built in C, and encoded by asyncpg without a detour.
+_FastUUID: Final = driver.uuid_from_bytes()
 
 
 def legacy_uuid(table: str, legacy_id: str) -> uuid.UUID:
@@ -105,8 +106,7 @@ def legacy_uuid(table: str, legacy_id: str) -> uuid.UUID:
 
 
 def _uuid5(name: str) -> uuid.UUID:
-    # Equal to uuid.uuid5(LEGACY_NAMESPACE, name); the namespace is hashed once, and the value is
-    # asyncpg's own uuid.UUID subclass (built in C, and encoded by asyncpg without a detour).
+    # Equal to uuid.uuid5(LEGACY_NAMESPACE, name); the namespace is hashed once.
     h = _NS_SHA1.copy()
     h.update(name.encode("utf-8", "surrogatepass"))
     raw = bytearray(h.digest()[:16])

@@ -16,7 +16,9 @@ from typing import Any, Final, cast
 
 import aiosqlite
 
-from dash_storage.core.errors import ValidationError
+from dash_storage.core import driver
+from dash_storage.core.errors import DashStorageError, ValidationError
+from dash_storage.legacy.sqlite import AGENT_COLUMNS, EVENT_COLUMNS, SWARM_COLUMNS
 
 __all__ = [
     "LEGACY_COLUMNS",
@@ -27,19 +29,15 @@ __all__ = [
     "LegacyReader",
 ]
 
-# The columns read, in order (absent columns are read as NULL).
+# The columns read, in the old store's order (absent columns are read as NULL); a swarm's
+# budget_remaining is derived data and is not read.
 LEGACY_COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
-    "swarms": tuple(
-        "id name status config agents created_at completed_at budget_allocated budget_consumed "
-        "metrics".split()
-    ),
-    "agents": tuple(
-        "id label status model task spawned_at completed_at runtime pause_time paused_by swarm_id parent_id "
-        "child_ids context code reasoning retry_count max_retries last_error budget_limit safety_boundaries "
-        "metadata".split()
-    ),
-    "events": ("id", "timestamp", "event_type", "source", "payload", "agent_id", "swarm_id"),
+    "swarms": tuple(c for c in SWARM_COLUMNS if c != "budget_remaining"),
+    "agents": AGENT_COLUMNS,
+    "events": EVENT_COLUMNS,
 }
+# The only names that go into a statement as identifiers: the tables and columns above.
+_IDENTIFIERS: Final = frozenset(LEGACY_COLUMNS).union(*LEGACY_COLUMNS.values())
 # Columns of a legacy table (the table name comes from LEGACY_COLUMNS, never from input).
 LEGACY_TABLE_INFO_SQL: Final = "SELECT name FROM pragma_table_info(?)"
 # The distinct swarms the legacy events refer to (resolved once, before the events are read).
@@ -56,6 +54,31 @@ LEGACY_COUNT_SQL: Final[Mapping[str, str]] = {
 
 def _lossy_text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
+
+
+def _cannot_open(exc: sqlite3.Error) -> bool:
+    """SQLite could not open the file: its error code SQLITE_CANTOPEN, whatever the extended code
+    (errors raised by Python's sqlite3 itself carry no code)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == sqlite3.SQLITE_CANTOPEN
+
+
+def _quoted(name: str) -> str:
+    """A table or column of :data:`LEGACY_COLUMNS` as a quoted identifier; any other name is refused."""
+    if name not in _IDENTIFIERS:
+        raise DashStorageError(f"{name!r} is not a table or column of the legacy store")
+    return '"' + name + '"'
+
+
+def _select_sql(table: str, present: set[str]) -> str:
+    """The statement that reads a batch of ``table``: rowid, then its :data:`LEGACY_COLUMNS` in order,
+    NULL for those not ``present`` in the file; parameters: the last rowid read, the batch size."""
+    columns = ", ".join(
+        _quoted(c) if c in present else "NULL AS " + _quoted(c) for c in LEGACY_COLUMNS[table]
+    )
+    return " ".join(
+        ("SELECT rowid,", columns, "FROM", _quoted(table), "WHERE rowid > ? ORDER BY rowid LIMIT ?")
+    )
 
 
 class LegacyReader:
@@ -76,7 +99,7 @@ class LegacyReader:
             try:
                 await self._open(uri + "?mode=ro")
             except sqlite3.OperationalError as exc:
-                if "unable to open" not in str(exc):
+                if not _cannot_open(exc):
                     raise
                 # A WAL-mode file in a folder we may not write (SQLite cannot create its -shm file
                 # there): read it as immutable instead.
@@ -89,7 +112,7 @@ class LegacyReader:
         self._con = con
         try:
             await con.execute("BEGIN")  # one read transaction: a consistent snapshot of the file
-            for table, columns in LEGACY_COLUMNS.items():
+            for table in LEGACY_COLUMNS:
                 rows = await con.execute_fetchall(LEGACY_TABLE_INFO_SQL, (table,))
                 present = {r[0] for r in rows}
                 if not present:
@@ -99,11 +122,7 @@ class LegacyReader:
                 if "id" not in present:
                     raise ValidationError("path", f"legacy table {table!r} has no id column")
                 self._present[table] = present
-                # Identifiers from LEGACY_COLUMNS only; columns an older file lacks read as NULL.
-                select = ", ".join(c if c in present else f"NULL AS {c}" for c in columns)
-                self._select[table] = (
-                    f"SELECT rowid, {select} FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT ?"  # noqa: S608
-                )
+                self._select[table] = _select_sql(table, present)
         except BaseException:
             await self.close()
             raise
@@ -138,7 +157,7 @@ class LegacyReader:
                 list[tuple[Any, ...]], list(await con.execute_fetchall(self._select[table], (after, limit)))
             )
         except sqlite3.OperationalError as exc:
-            if "decode" not in str(exc).lower():
+            if not driver.sqlite_text_not_utf8(exc):
                 raise ValidationError("path", f"reading legacy table {table!r}: {exc}") from exc
         # Text that is not valid UTF-8: read this batch again, replacing the bad bytes (U+FFFD),
         # and remember which rows may have lost bytes (the converters report them as repaired).

@@ -2,8 +2,10 @@
 
 Kept so that code which still reads or writes the old file keeps working, and so that the importer
 and its tests can build realistic legacy files. The tables, column types and constraints are those
-the TypeScript ``SQLiteStorage`` created (SPEC §8): TEXT ids, JSON as TEXT, ISO-8601 timestamps as
-TEXT, money as REAL. The method names are the TypeScript ones in snake_case.
+the TypeScript ``SQLiteStorage`` of earlier Dash versions created: TEXT ids, JSON as TEXT, ISO-8601
+timestamps as TEXT, money as REAL. The method names are the TypeScript ones in snake_case. The
+column lists here are the one home of the old schema's columns: the importer's reader takes them
+from this module.
 
 It is asynchronous through aiosqlite, which runs every SQLite call on its own thread, so a slow
 disk never blocks the event loop. Every value is bound as a parameter.
@@ -21,15 +23,16 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
 import aiosqlite
 import orjson
 
 from dash_storage.core.errors import ConflictError, DashStorageError, DatabaseError, ValidationError
+from dash_storage.legacy.values import loads
 
 __all__ = [
     "AGENT_COLUMNS",
@@ -134,6 +137,8 @@ EVENT_JSON_COLUMNS: Final = frozenset({"source", "payload"})
 _TIME_COLUMNS: Final = frozenset({"created_at", "completed_at", "spawned_at", "pause_time", "timestamp"})
 _REAL_COLUMNS: Final = frozenset({"budget_allocated", "budget_consumed", "budget_remaining", "budget_limit"})
 _INT_COLUMNS: Final = frozenset({"runtime", "retry_count", "max_retries"})
+# The error names (Python 3.11+ sqlite3) of a write that repeats a key the table already has.
+_DUPLICATE_KEY: Final = frozenset({"SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"})
 
 # -- statements (every value a parameter) ---------------------------------------------------------
 
@@ -178,6 +183,22 @@ DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 100_000
 
 
+@dataclass(frozen=True, slots=True)
+class _Table:
+    """One table of the old store: its columns, and the statements that write a row and read it."""
+
+    row: str  # what one row is called in messages
+    columns: tuple[str, ...]
+    json_columns: frozenset[str]
+    insert_sql: str
+    get_sql: str
+
+
+_SWARMS: Final = _Table("swarm", SWARM_COLUMNS, SWARM_JSON_COLUMNS, INSERT_SWARM_SQL, GET_SWARM_SQL)
+_AGENTS: Final = _Table("agent", AGENT_COLUMNS, AGENT_JSON_COLUMNS, INSERT_AGENT_SQL, GET_AGENT_SQL)
+_EVENTS: Final = _Table("event", EVENT_COLUMNS, EVENT_JSON_COLUMNS, INSERT_EVENT_SQL, GET_EVENT_SQL)
+
+
 def iso_now() -> str:
     """The current UTC time as JavaScript's ``Date.toISOString()`` writes it (``...T12:00:00.000Z``)."""
     return _iso(dt.datetime.now(dt.UTC))
@@ -197,14 +218,7 @@ def _new_legacy_id(prefix: str) -> str:
 
 def decode_json_column(value: Any) -> Any:
     """A JSON column's value decoded; NULL is None; text that is not JSON is returned unchanged."""
-    if value is None:
-        return None
-    if isinstance(value, str | bytes):
-        try:
-            return orjson.loads(value)
-        except orjson.JSONDecodeError:
-            return value
-    return value
+    return loads(value)[0]
 
 
 def _row_to_dict(row: sqlite3.Row, json_columns: frozenset[str]) -> dict[str, Any]:
@@ -336,9 +350,7 @@ class SQLiteStorage:
         await self.initialize()
         return self
 
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     def _connection(self) -> aiosqlite.Connection:
@@ -354,16 +366,28 @@ class SQLiteStorage:
         except sqlite3.Error as exc:
             raise DatabaseError(f"SQLite: {exc}") from exc
 
-    async def _insert(self, sql: str, params: tuple[Any, ...], what: str, key: str) -> None:
+    async def _store(self, table: _Table, data: Mapping[str, Any], key: str) -> dict[str, Any]:
+        """Insert a row (every column, as the old store wrote it) and return it as read back."""
+        params = tuple(_encode(c, data.get(c), table.json_columns) for c in table.columns)
         con = self._connection()
         try:
-            await con.execute(sql, params)
+            await con.execute(table.insert_sql, params)
         except sqlite3.IntegrityError as exc:
-            if "UNIQUE" in str(exc) or "PRIMARY KEY" in str(exc):
-                raise ConflictError(f"{what} {key!r} already exists") from exc
-            raise ValidationError(what, str(exc)) from exc
+            if getattr(exc, "sqlite_errorname", None) in _DUPLICATE_KEY:
+                raise ConflictError(f"{table.row} {key!r} already exists") from exc
+            raise ValidationError(table.row, str(exc)) from exc
         except sqlite3.Error as exc:
             raise DatabaseError(f"SQLite: {exc}") from exc
+        found = await self._get(table, key)
+        assert found is not None
+        return found
+
+    async def _get(self, table: _Table, key: str) -> dict[str, Any] | None:
+        rows = await self._fetchall(table.get_sql, (key,))
+        return _row_to_dict(rows[0], table.json_columns) if rows else None
+
+    async def _list(self, table: _Table, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+        return [_row_to_dict(r, table.json_columns) for r in await self._fetchall(sql, params)]
 
     # -- swarms -----------------------------------------------------------------------------------
 
@@ -396,21 +420,15 @@ class SQLiteStorage:
             raise ValidationError("name", "is required (a string)")
         if not isinstance(data["status"], str):
             raise ValidationError("status", "must be a string")
-        params = tuple(_encode(c, data.get(c), SWARM_JSON_COLUMNS) for c in SWARM_COLUMNS)
-        await self._insert(INSERT_SWARM_SQL, params, "swarm", swarm_id)
-        found = await self.get_swarm(swarm_id)
-        assert found is not None
-        return found
+        return await self._store(_SWARMS, data, swarm_id)
 
     async def get_swarm(self, swarm_id: str) -> dict[str, Any] | None:
         """The swarm with this id, or None."""
-        rows = await self._fetchall(GET_SWARM_SQL, (_check_id(swarm_id, "swarm_id"),))
-        return _row_to_dict(rows[0], SWARM_JSON_COLUMNS) if rows else None
+        return await self._get(_SWARMS, _check_id(swarm_id, "swarm_id"))
 
     async def get_all_swarms(self) -> list[dict[str, Any]]:
         """Every swarm, newest first."""
-        rows = await self._fetchall(GET_ALL_SWARMS_SQL, ())
-        return [_row_to_dict(r, SWARM_JSON_COLUMNS) for r in rows]
+        return await self._list(_SWARMS, GET_ALL_SWARMS_SQL, ())
 
     # -- agents -----------------------------------------------------------------------------------
 
@@ -435,21 +453,15 @@ class SQLiteStorage:
         for required in ("model", "task", "status"):
             if not isinstance(data.get(required), str):
                 raise ValidationError(required, "is required (a string)")
-        params = tuple(_encode(c, data.get(c), AGENT_JSON_COLUMNS) for c in AGENT_COLUMNS)
-        await self._insert(INSERT_AGENT_SQL, params, "agent", agent_id)
-        found = await self.get_agent(agent_id)
-        assert found is not None
-        return found
+        return await self._store(_AGENTS, data, agent_id)
 
     async def get_agent(self, agent_id: str) -> dict[str, Any] | None:
         """The agent with this id, or None."""
-        rows = await self._fetchall(GET_AGENT_SQL, (_check_id(agent_id, "agent_id"),))
-        return _row_to_dict(rows[0], AGENT_JSON_COLUMNS) if rows else None
+        return await self._get(_AGENTS, _check_id(agent_id, "agent_id"))
 
     async def get_agents_by_swarm(self, swarm_id: str) -> list[dict[str, Any]]:
         """The agents of a swarm, oldest spawn first."""
-        rows = await self._fetchall(GET_AGENTS_BY_SWARM_SQL, (_check_id(swarm_id, "swarm_id"),))
-        return [_row_to_dict(r, AGENT_JSON_COLUMNS) for r in rows]
+        return await self._list(_AGENTS, GET_AGENTS_BY_SWARM_SQL, (_check_id(swarm_id, "swarm_id"),))
 
     # -- events -----------------------------------------------------------------------------------
 
@@ -462,19 +474,14 @@ class SQLiteStorage:
         event_id = _check_id(data["id"], "id")
         if not isinstance(data.get("event_type"), str) or not data["event_type"]:
             raise ValidationError("event_type", "is required (a non-empty string)")
-        params = tuple(_encode(c, data.get(c), EVENT_JSON_COLUMNS) for c in EVENT_COLUMNS)
-        await self._insert(INSERT_EVENT_SQL, params, "event", event_id)
-        rows = await self._fetchall(GET_EVENT_SQL, (event_id,))
-        return _row_to_dict(rows[0], EVENT_JSON_COLUMNS)
+        return await self._store(_EVENTS, data, event_id)
 
     async def get_events_by_swarm(self, swarm_id: str, limit: int = DEFAULT_LIMIT) -> list[dict[str, Any]]:
         """The newest ``limit`` events of a swarm, newest first."""
         params = (_check_id(swarm_id, "swarm_id"), _check_limit(limit))
-        rows = await self._fetchall(GET_EVENTS_BY_SWARM_SQL, params)
-        return [_row_to_dict(r, EVENT_JSON_COLUMNS) for r in rows]
+        return await self._list(_EVENTS, GET_EVENTS_BY_SWARM_SQL, params)
 
     async def get_events_by_agent(self, agent_id: str, limit: int = DEFAULT_LIMIT) -> list[dict[str, Any]]:
         """The newest ``limit`` events of an agent, newest first."""
         params = (_check_id(agent_id, "agent_id"), _check_limit(limit))
-        rows = await self._fetchall(GET_EVENTS_BY_AGENT_SQL, params)
-        return [_row_to_dict(r, EVENT_JSON_COLUMNS) for r in rows]
+        return await self._list(_EVENTS, GET_EVENTS_BY_AGENT_SQL, params)

@@ -29,14 +29,19 @@ from dash_storage.legacy.report import RowRepairs
 __all__ = [
     "BIGINT_MAX",
     "INT_MAX",
+    "NOT_JSON",
+    "NOT_OBJECT",
+    "NUL_REMOVED",
     "UNREADABLE_TIME",
     "UNREADABLE_TIME_ACTION",
     "dumps",
     "id_label",
     "id_problem",
+    "int_column",
     "json_column",
     "json_object",
     "json_value",
+    "jsonb_text",
     "loads",
     "optional_time",
     "parse_time",
@@ -59,6 +64,11 @@ BIGINT_MAX: Final = 2**63 - 1
 UNREADABLE_TIME: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 #: The repair recorded for such a timestamp (after the unreadable value).
 UNREADABLE_TIME_ACTION: Final = "set to 1970-01-01T00:00:00Z (the fallback for unreadable times)"
+#: The repairs recorded for JSON text that does not parse, JSON that is not the object a column
+#: needs, and text whose NUL characters were removed.
+NOT_JSON: Final = "not JSON; kept as {'_legacy_raw': text}"
+NOT_OBJECT: Final = "not a JSON object; kept as {'_legacy_value': value}"
+NUL_REMOVED: Final = "NUL characters removed"
 
 
 # -- pure helpers -----------------------------------------------------------------------------------
@@ -220,7 +230,7 @@ def text_value(value: Any, field: str, fix: RowRepairs) -> str | None:
         fix.add(field, f"{type(value).__name__} value converted to text")
         text = raw(value)
     if "\x00" in text:
-        fix.add(field, "NUL characters removed")
+        fix.add(field, NUL_REMOVED)
         text = text.replace("\x00", "")
     return text
 
@@ -229,7 +239,7 @@ def json_value(value: Any, field: str, fix: RowRepairs) -> Any:
     """Decoded JSON; text that is not JSON is wrapped as ``{"_legacy_raw": text}``."""
     decoded, ok = loads(value)
     if not ok:
-        fix.add(field, "not JSON; kept as {'_legacy_raw': text}")
+        fix.add(field, NOT_JSON)
         return {"_legacy_raw": raw(value)}
     return decoded
 
@@ -241,34 +251,52 @@ def json_object(value: Any, field: str, fix: RowRepairs, *, null: dict[str, Any]
     decoded = json_value(value, field, fix)
     if isinstance(decoded, dict):
         return decoded
-    fix.add(field, "not a JSON object; kept as {'_legacy_value': value}")
+    fix.add(field, NOT_OBJECT)
     return {"_legacy_value": decoded}
+
+
+def jsonb_text(value: Any, field: str, fix: RowRepairs) -> str:
+    """``value`` (decoded JSON) as text jsonb accepts; NUL characters removed are a repair."""
+    text, nul = dumps(value)
+    if nul:
+        fix.add(field, NUL_REMOVED)
+    return text
 
 
 def json_column(value: Any, field: str, fix: RowRepairs) -> str | None:
     """A nullable JSONB column: NULL stays NULL, any JSON value is kept, bad JSON is wrapped."""
     if value is None:
         return None
-    text, nul = dumps(json_value(value, field, fix))
-    if nul:
-        fix.add(field, "NUL characters removed")
-    return text
+    return jsonb_text(json_value(value, field, fix), field, fix)
 
 
-def unreadable_time(value: Any, field: str, fix: RowRepairs) -> dt.datetime:
-    """:data:`UNREADABLE_TIME` for a NOT NULL timestamp ``value`` that cannot be read; the repair
-    (naming the value and the time used) is recorded."""
+def int_column(value: Any, field: str, fix: RowRepairs, *, default: int, maximum: int) -> int:
+    """An INTEGER column: :func:`to_int`, its note recorded as a repair."""
+    number, note = to_int(value, default, maximum)
+    if note:
+        fix.add(field, note)
+    return number
+
+
+def unreadable_time(
+    value: Any, field: str, fix: RowRepairs, *, keep: dict[str, Any], key: str
+) -> dt.datetime:
+    """:data:`UNREADABLE_TIME` for a NOT NULL timestamp ``value`` that cannot be read: the repair
+    (naming the value and the time used) is recorded, and the text is kept in ``keep[key]``
+    (a NULL leaves nothing to keep)."""
     fix.add(field, f"unreadable timestamp {show(value)}; {UNREADABLE_TIME_ACTION}")
+    if value is not None:
+        keep[key] = raw(value)
     return UNREADABLE_TIME
 
 
-def required_time(value: Any, field: str, fix: RowRepairs) -> tuple[dt.datetime, bool]:
-    """A NOT NULL timestamp column: (the time, True), or (:data:`UNREADABLE_TIME`, False) for a value
-    that cannot be read, which is recorded as a repair."""
+def required_time(value: Any, field: str, fix: RowRepairs, *, keep: dict[str, Any], key: str) -> dt.datetime:
+    """A NOT NULL timestamp column: the time, or :func:`unreadable_time` for a value that cannot
+    be read."""
     parsed = parse_time(value)
     if parsed is None:
-        return unreadable_time(value, field, fix), False
-    return parsed, True
+        return unreadable_time(value, field, fix, keep=keep, key=key)
+    return parsed
 
 
 def optional_time(value: Any, field: str, fix: RowRepairs) -> dt.datetime | None:

@@ -4,18 +4,19 @@ Every insert is ``ON CONFLICT DO NOTHING``, so a second run writes nothing and a
 safe. Swarms (with their budgets) and agents go in as one ``INSERT ... SELECT FROM unnest(...)``
 per batch. Events are COPYed (binary) into a session TEMP table and moved with one
 ``INSERT INTO events SELECT ... ON CONFLICT (id) DO NOTHING``, one transaction per batch, by
-writers on their own connections (:func:`write_event_batches`). In a dry run the writers only
-count, with the ``COUNT_*`` statements, how many rows would be new.
+writers on their own connections (:func:`write_event_batches`). A connection that made the staging
+table is closed when its writer stops, never handed back to the pool: pooled connections carry no
+session state (the pool does not reset them). In a dry run the writers only count, with the
+``COUNT_*`` statements, how many rows would be new.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from dash_storage.core.connections import transaction_on
+from dash_storage.core.connections import discard, transaction_on
 from dash_storage.core.database import Connection, Database
 from dash_storage.legacy.mapping import AgentRef, SwarmRef, legacy_uuid
 from dash_storage.legacy.report import Batch
@@ -27,7 +28,6 @@ __all__ = [
     "COUNT_EVENTS_SQL",
     "COUNT_SWARMS_SQL",
     "CREATE_EVENTS_STAGE_SQL",
-    "DROP_EVENTS_STAGE_SQL",
     "FIND_AGENTS_SQL",
     "FIND_SWARMS_SQL",
     "INSERT_AGENTS_SQL",
@@ -99,7 +99,7 @@ FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text
          max_retries, last_error, budget_limit, metadata)
 ON CONFLICT (id) DO NOTHING
 """
-# The per-session staging table for events; ON COMMIT DELETE ROWS empties it after every batch.
+# The staging table of one writer's connection; ON COMMIT DELETE ROWS empties it after every batch.
 CREATE_EVENTS_STAGE_SQL: Final = """
 CREATE TEMP TABLE IF NOT EXISTS dash_import_events (
     id uuid, swarm_id uuid, agent_id uuid, type text, payload text, "timestamp" timestamptz,
@@ -113,8 +113,6 @@ SELECT id, swarm_id, agent_id, type, payload::jsonb, COALESCE("timestamp", now()
 FROM pg_temp.dash_import_events
 ON CONFLICT (id) DO NOTHING
 """
-# Drop the staging table when the import is done (pooled connections must not keep it).
-DROP_EVENTS_STAGE_SQL: Final = "DROP TABLE IF EXISTS pg_temp.dash_import_events"
 # Where each batch is COPYed (the table CREATE_EVENTS_STAGE_SQL makes), and its columns.
 EVENTS_STAGE_TABLE: Final = "dash_import_events"
 EVENTS_STAGE_SCHEMA: Final = "pg_temp"
@@ -229,13 +227,19 @@ async def write_event_batches(
 ) -> None:
     """One event writer: write batches from ``queue`` until it yields None, ``commit(batch, written)``
     after each. It holds one connection with its own staging table; on a transient failure it
-    reconnects and re-writes the batch it held (idempotent), then carries on."""
+    reconnects and re-writes the batch it held (idempotent), then carries on.
+
+    The connection that has the staging table is closed when the writer stops, however it stops
+    (done, failed or cancelled): the pool never gets it back, so no pooled connection keeps a TEMP
+    table. Closing costs nothing per batch, unlike a table created and dropped in every batch's
+    transaction; the pool opens a fresh connection when it next needs one.
+    """
     held: list[Batch] = []  # the batch being written (kept across a reconnect)
 
     async def loop(con: Connection, _attempt: int) -> None:
-        if not dry_run:
-            await con.execute(CREATE_EVENTS_STAGE_SQL)
         try:
+            if not dry_run:
+                await con.execute(CREATE_EVENTS_STAGE_SQL)
             while True:
                 if not held:
                     item = await queue.get()
@@ -246,7 +250,6 @@ async def write_event_batches(
                 commit(held.pop(), written)
         finally:
             if not dry_run:
-                with contextlib.suppress(Exception):
-                    await con.execute(DROP_EVENTS_STAGE_SQL)
+                discard(con)
 
     await db.run(loop, retry=True)

@@ -30,6 +30,7 @@ from typing import Literal, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from dash_storage.core import driver
 from dash_storage.core.database import Database
 from dash_storage.core.errors import (
     DashStorageError,
@@ -530,10 +531,7 @@ async def _apply(con: DirectConnection, file: MigrationFile) -> None:
 
 def _failure(file: MigrationFile, exc: Exception, text: str, offset: int, note: str) -> MigrationError:
     if isinstance(exc, asyncpg.PostgresError):
-        message = str(exc)
-        detail = getattr(exc, "detail", None)
-        if detail:
-            message += f" (detail: {detail})"
+        message = driver.message_with_detail(exc)
         hint = getattr(exc, "hint", None)
         if hint:
             message += f" (hint: {hint})"

@@ -1,38 +1,7 @@
 """AgentRepository: agents, their state transitions and the ``agent_activity`` view.
 
-State changes (``update_status``, ``update_lifecycle_state``, ``pause``, ``resume``) check the
-current state in the same statement as the write: a CTE locks the row and reads its state, and the
-UPDATE only applies when that state is an allowed source. One round trip therefore tells
-"not found" (None) from "not allowed" (InvalidTransitionError with the current state).
-
-Status transitions (``AGENT_STATUS_TRANSITIONS``, current -> allowed new statuses):
-
-================================  ===========================================================
-current status                    may change to (``update_status``)
-================================  ===========================================================
-pending, running, blocked         any status but paused
-paused                            completed, failed, killed (stopping a paused agent)
-completed                         completed (no-op)
-failed                            failed (no-op), pending (a retry of the agent)
-killed                            killed (no-op)
-================================  ===========================================================
-
-Pausing and resuming have their own methods, because they keep more than the status: ``pause``
-(from pending / running / blocked) sets status and lifecycle_state to paused and records
-``pause_time`` (database clock) and ``paused_by``; ``resume`` (from paused only) sets status and
-lifecycle_state to running and clears both marks. ``update_status`` refuses "paused" (a
-ValidationError naming ``status``: it cannot say who paused) and refuses to take a paused agent back
-to pending / running / blocked (an InvalidTransitionError naming ``resume()``), so that
-``pause_time`` / ``paused_by`` are set exactly while an agent is paused: stopping a paused agent
-(completed / failed / killed) clears them, and ``create(status="paused")`` stamps ``pause_time``.
-Lifecycle states: destroyed is final (only destroyed -> destroyed); every other change is allowed.
-Setting the state a row already has always succeeds (it rewrites nothing but ``updated_at`` and,
-if given, ``last_error``), which also makes a retried status change safe.
-
-``completed_at`` follows the status: stamped (database clock, once) when the status becomes
-completed / failed / killed, cleared when it becomes anything else (failed -> pending re-runs it).
-``resume`` does not touch ``runtime``: the paused time is not run time, and ``runtime`` is owned by
-the caller (``update(runtime=...)``).
+State changes (``update_status``, ``update_lifecycle_state``, ``pause``, ``resume``) are guarded
+by the agent's state machine: see ``agent_transitions``, which runs them.
 
 ``increment_retry(id)`` adds one, relative to whatever is stored: it is never retried on a lost
 connection, since it could apply twice. ``increment_retry(id, expected=n)`` is a compare-and-set
@@ -45,29 +14,29 @@ caller may have moved.
 from __future__ import annotations
 
 import builtins
-import functools
 import uuid
 from collections.abc import Callable
-from dataclasses import fields
 from decimal import Decimal
 from typing import Any
 
-import asyncpg
-
+from dash_storage import sql
 from dash_storage.core import validation as v
 from dash_storage.core.database import Connection
-from dash_storage.core.errors import ConflictError, InvalidTransitionError, NotFoundError, ValidationError
+from dash_storage.core.errors import ConflictError, ValidationError
 from dash_storage.core.ids import new_id
-from dash_storage.core.models import (
-    AGENT_COLUMNS,
-    UNSET,
-    Agent,
-    AgentActivity,
-    AgentStatus,
-    LifecycleState,
-    Unset,
+from dash_storage.core.models import UNSET, Agent, AgentActivity, AgentStatus, Unset
+from dash_storage.repositories import agent_transitions as transitions
+from dash_storage.repositories.agent_transitions import (
+    AGENT_LIFECYCLE_TRANSITIONS,
+    AGENT_STATUS_TRANSITIONS,
+    AGENT_STATUSES,
+    FINAL_AGENT_STATUSES,
+    LIFECYCLE_STATES,
+    PAUSABLE_STATUSES,
+    RESUMABLE_STATUSES,
+    SELECT_AGENT_BY_ID,
 )
-from dash_storage.repositories.base import Repository, written_by_us
+from dash_storage.repositories.base import ListReads, Repository, given
 
 __all__ = [
     "AGENT_LIFECYCLE_TRANSITIONS",
@@ -77,231 +46,45 @@ __all__ = [
     "PAUSABLE_STATUSES",
     "RESUMABLE_STATUSES",
     "AgentRepository",
+    "statements",
 ]
 
-AGENT_STATUSES = frozenset(s.value for s in AgentStatus)
-LIFECYCLE_STATES = frozenset(s.value for s in LifecycleState)
-#: Statuses that stamp ``completed_at``.
-FINAL_AGENT_STATUSES = frozenset({"completed", "failed", "killed"})
-#: ``update_status``: current status -> the statuses it may change to. Never "paused" (that is
-#: ``pause``), and from paused only the final statuses (going on is ``resume``).
-AGENT_STATUS_TRANSITIONS: dict[str, frozenset[str]] = {
-    "pending": AGENT_STATUSES - {"paused"},
-    "running": AGENT_STATUSES - {"paused"},
-    "paused": FINAL_AGENT_STATUSES,
-    "blocked": AGENT_STATUSES - {"paused"},
-    "completed": frozenset({"completed"}),
-    "failed": frozenset({"failed", "pending"}),
-    "killed": frozenset({"killed"}),
-}
-#: ``update_lifecycle_state``: current state -> the states it may change to (destroyed is final).
-AGENT_LIFECYCLE_TRANSITIONS: dict[str, frozenset[str]] = {
-    s: (frozenset({"destroyed"}) if s == "destroyed" else LIFECYCLE_STATES) for s in LIFECYCLE_STATES
-}
-#: Statuses ``pause`` accepts.
-PAUSABLE_STATUSES = frozenset({"pending", "running", "blocked"})
-#: Statuses ``resume`` accepts.
-RESUMABLE_STATUSES = frozenset({"paused"})
-#: Public ``order_by`` names of ``list`` -> SQL column (a fixed allow-list, never input).
-AGENT_ORDER_COLUMNS = {
-    "spawned_at": "spawned_at",
-    "updated_at": "updated_at",
-    "status": "status",
-    "label": "label",
-}
-ACTIVITY_COLUMNS = ", ".join(f.name for f in fields(AgentActivity))
-
-
-def _sources(transitions: dict[str, frozenset[str]]) -> dict[str, builtins.list[str]]:
-    """Invert current -> targets into target -> allowed current states (what the SQL checks)."""
-    return {
-        target: sorted(cur for cur, targets in transitions.items() if target in targets)
-        for target in {t for targets in transitions.values() for t in targets}
-    }
-
-
-_STATUS_SOURCES = _sources(AGENT_STATUS_TRANSITIONS)
-_LIFECYCLE_SOURCES = _sources(AGENT_LIFECYCLE_TRANSITIONS)
+#: Public ``order_by`` names of ``list`` -> SQL column, the same name (a fixed allow-list, never input).
+AGENT_ORDER_COLUMNS = {column: column for column in ("spawned_at", "updated_at", "status", "label")}
+#: The final statuses, as the parameter of INSERT_AGENT (a final initial status stamps completed_at).
 _FINAL = sorted(FINAL_AGENT_STATUSES)
-_PAUSABLE = sorted(PAUSABLE_STATUSES)
-_RESUMABLE = sorted(RESUMABLE_STATUSES)
+#: The filters of list() and count() other than the swarm, when none is given.
+_NO_FILTER = (None, None, None)
 
-# Idempotent create; a final initial status stamps completed_at, a paused one pause_time. FK
-# violation = missing swarm.
-INSERT_AGENT = f"""
-INSERT INTO agents (id, swarm_id, label, status, lifecycle_state, model, task, config, context, code,
-                    reasoning, safety_boundaries, max_retries, budget_limit, metadata, completed_at,
-                    pause_time)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-        CASE WHEN $4 = ANY($16::text[]) THEN now() END, CASE WHEN $4 = 'paused' THEN now() END)
-ON CONFLICT (id) DO NOTHING
-RETURNING {AGENT_COLUMNS}
-"""  # noqa: S608
-# One agent by primary key.
-SELECT_AGENT_BY_ID = f"SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1"  # noqa: S608
-# Agents of one swarm in spawn order (oldest first, ties by id).
-SELECT_AGENTS_BY_SWARM = f"""
-SELECT {AGENT_COLUMNS} FROM agents WHERE swarm_id = $1
-ORDER BY spawned_at ASC, id ASC LIMIT $2 OFFSET $3
-"""  # noqa: S608
-# Template of list(): {where}, {order}, {direction} come only from fixed fragments in code.
-LIST_AGENTS_TEMPLATE = f"""
-SELECT {AGENT_COLUMNS} FROM agents{{where}}
-ORDER BY {{order}} {{direction}}, id {{direction}} LIMIT $1 OFFSET $2
-"""  # noqa: S608
-# Template of count(): {where} comes only from fixed fragments in code.
-COUNT_AGENTS_TEMPLATE = "SELECT count(*) FROM agents{where}"
-# Agents per status, all swarms.
-COUNT_BY_STATUS = "SELECT status, count(*) FROM agents GROUP BY status"
-# Agents per status in one swarm.
-COUNT_BY_STATUS_IN_SWARM = "SELECT status, count(*) FROM agents WHERE swarm_id = $1 GROUP BY status"
-# Template of update(): {assignments} is built from the fixed column list UPDATABLE_COLUMNS.
-UPDATE_AGENT_TEMPLATE = f"""
-UPDATE agents SET {{assignments}} WHERE id = $1 RETURNING {AGENT_COLUMNS}
-"""  # noqa: S608
-# Guarded status change: $4 = allowed current statuses, $5 = whether to set last_error to $6.
-# The CTE locks and reads the row, so one round trip tells "missing" from "not allowed". The
-# target is never paused, so the pause marks go (they belong to a pause that is over).
-UPDATE_AGENT_STATUS = f"""
-WITH cur AS (
-    SELECT id AS cur_id, status AS cur_state FROM agents WHERE id = $1 FOR UPDATE
-), upd AS (
-    UPDATE agents SET
-        status = $2,
-        completed_at = CASE WHEN $2 = ANY($3::text[]) THEN COALESCE(completed_at, now()) ELSE NULL END,
-        last_error = CASE WHEN $5::boolean THEN $6::text ELSE last_error END,
-        pause_time = NULL,
-        paused_by = NULL
-    FROM cur
-    WHERE id = cur_id AND status = ANY($4::text[])
-    RETURNING {AGENT_COLUMNS}
-)
-SELECT cur_state, upd.* FROM cur LEFT JOIN upd ON true
-"""  # noqa: S608
-# Guarded lifecycle change: $3 = allowed current states.
-UPDATE_AGENT_LIFECYCLE = f"""
-WITH cur AS (
-    SELECT id AS cur_id, lifecycle_state AS cur_state FROM agents WHERE id = $1 FOR UPDATE
-), upd AS (
-    UPDATE agents SET lifecycle_state = $2
-    FROM cur
-    WHERE id = cur_id AND lifecycle_state = ANY($3::text[])
-    RETURNING {AGENT_COLUMNS}
-)
-SELECT cur_state, upd.* FROM cur LEFT JOIN upd ON true
-"""  # noqa: S608
-# Guarded pause: $3 = statuses that may be paused.
-PAUSE_AGENT = f"""
-WITH cur AS (
-    SELECT id AS cur_id, status AS cur_state FROM agents WHERE id = $1 FOR UPDATE
-), upd AS (
-    UPDATE agents SET status = 'paused', lifecycle_state = 'paused', pause_time = now(), paused_by = $2
-    FROM cur
-    WHERE id = cur_id AND status = ANY($3::text[])
-    RETURNING {AGENT_COLUMNS}
-)
-SELECT cur_state, upd.* FROM cur LEFT JOIN upd ON true
-"""  # noqa: S608
-# Guarded resume: $2 = statuses that may be resumed; clears the pause marks.
-RESUME_AGENT = f"""
-WITH cur AS (
-    SELECT id AS cur_id, status AS cur_state FROM agents WHERE id = $1 FOR UPDATE
-), upd AS (
-    UPDATE agents SET status = 'running', lifecycle_state = 'running', pause_time = NULL, paused_by = NULL
-    FROM cur
-    WHERE id = cur_id AND status = ANY($2::text[])
-    RETURNING {AGENT_COLUMNS}
-)
-SELECT cur_state, upd.* FROM cur LEFT JOIN upd ON true
-"""  # noqa: S608
-# Relative write (never retried): one more retry.
-INCREMENT_RETRY = f"""
-UPDATE agents SET retry_count = retry_count + 1 WHERE id = $1 RETURNING {AGENT_COLUMNS}
-"""  # noqa: S608
-# Compare-and-set of the retry count, run inside a transaction: $2 = the count the caller read.
-# The CTE locks and reads the row, so one round trip tells "missing" (no row) from "changed
-# meanwhile" (cur_count <> $2, upd columns NULL). It also returns the transaction's id, known
-# before COMMIT is sent, so that a retry after a lost COMMIT answer can ask whether it committed.
-INCREMENT_RETRY_IF = f"""
-WITH cur AS (
-    SELECT id AS cur_id, retry_count AS cur_count FROM agents WHERE id = $1 FOR UPDATE
-), upd AS (
-    UPDATE agents SET retry_count = retry_count + 1
-    FROM cur
-    WHERE id = cur_id AND retry_count = $2
-    RETURNING {AGENT_COLUMNS}
-)
-SELECT cur_count, pg_current_xact_id()::text AS xact, upd.* FROM cur LEFT JOIN upd ON true
-"""  # noqa: S608
-# A retry of the compare-and-set, step 1: lock the agent. The earlier attempt's transaction held
-# this lock from its UPDATE to its end, so once it is ours that transaction has ended.
-LOCK_AGENT = f"SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1 FOR UPDATE"  # noqa: S608
-# Step 2: did the earlier attempt's transaction commit ('committed' / 'aborted')?
-XACT_STATUS = "SELECT pg_xact_status($1::text::xid8)"
-# Template of get_activity(): {where} comes only from fixed fragments in code.
-ACTIVITY_TEMPLATE = f"""
-SELECT {ACTIVITY_COLUMNS} FROM agent_activity{{where}}
-ORDER BY spawned_at DESC, id DESC LIMIT $1 OFFSET $2
-"""  # noqa: S608
-# Delete one agent (its events keep agent_id NULL).
-DELETE_AGENT = "DELETE FROM agents WHERE id = $1 RETURNING 1"
-# Delete every agent of a swarm.
-DELETE_AGENTS_BY_SWARM = "DELETE FROM agents WHERE swarm_id = $1"
-
-#: Filters of list()/count(), in the order their parameters are numbered (after limit/offset).
-FILTER_COLUMNS = ("swarm_id", "status", "lifecycle_state", "model")
-#: Columns ``update`` may set, in a fixed order.
-UPDATABLE_COLUMNS = (
-    "label",
-    "model",
-    "task",
-    "config",
-    "context",
-    "code",
-    "reasoning",
-    "safety_boundaries",
-    "max_retries",
-    "budget_limit",
-    "metadata",
-    "last_error",
-    "runtime",
-)
-
-
-def _where(columns: tuple[str, ...], first: int) -> str:
-    assert all(c in FILTER_COLUMNS or c in ("id",) for c in columns)
-    if not columns:
-        return ""
-    return " WHERE " + " AND ".join(f"{c} = ${i}" for i, c in enumerate(columns, start=first))
-
-
-@functools.lru_cache(maxsize=256)
-def _list_sql(filters: tuple[str, ...], order: str, direction: str) -> str:
-    return LIST_AGENTS_TEMPLATE.format(where=_where(filters, 3), order=order, direction=direction)
-
-
-@functools.lru_cache(maxsize=32)
-def _count_sql(filters: tuple[str, ...]) -> str:
-    return COUNT_AGENTS_TEMPLATE.format(where=_where(filters, 1))
-
-
-@functools.lru_cache(maxsize=8)
-def _activity_sql(filters: tuple[str, ...]) -> str:
-    # agent_activity names the agent's id "id".
-    return ACTIVITY_TEMPLATE.format(where=_where(filters, 3))
-
-
-@functools.lru_cache(maxsize=256)
-def _update_sql(columns: tuple[str, ...]) -> str:
-    assert all(c in UPDATABLE_COLUMNS for c in columns)
-    assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(columns, start=2))
-    return UPDATE_AGENT_TEMPLATE.format(assignments=assignments)
-
-
-def _id(value: Any, field: str = "id") -> uuid.UUID:
-    result = v.check_uuid(value, field)
-    assert result is not None
-    return result
+# The statements, in the order of the methods that send them.
+_Q = sql.load("agents")
+INSERT_AGENT = _Q["insert"]
+SELECT_AGENTS_BY_SWARM = _Q["find_by_swarm"]
+_LISTS = ListReads(_Q, "part_list", AGENT_ORDER_COLUMNS)
+#: The reads of list() per (order column, direction): of every agent, of those matching filters,
+#: and of one swarm.
+LIST_AGENTS = _LISTS.form("list_by")
+LIST_AGENTS_WHERE = _LISTS.form("list_where_by", "part_filters")
+LIST_AGENTS_IN_SWARM = _LISTS.form("list_in_swarm_by", "part_in_swarm", "part_filters")
+COUNT_ALL = _Q["count_all"]
+#: The counts of the same filters, and within one swarm.
+COUNT_WHERE = _LISTS.count("count_where", "part_count", "part_filters")
+COUNT_OF_SWARM = _Q["count_of_swarm"]
+COUNT_IN_SWARM_WHERE = _LISTS.count("count_in_swarm_where", "part_count", "part_in_swarm", "part_filters")
+#: Every statement composed here, by name: ``statements()`` (the statement registry PREPAREs each).
+statements = _LISTS.statements
+COUNT_BY_STATUS = _Q["count_by_status"]
+COUNT_BY_STATUS_IN_SWARM = _Q["count_by_status_in_swarm"]
+UPDATE_AGENT = _Q["update"]
+INCREMENT_RETRY = _Q["increment_retry"]
+INCREMENT_RETRY_IF = _Q["increment_retry_if"]
+LOCK_AGENT = _Q["lock"]
+XACT_STATUS = _Q["xact_status"]
+SELECT_ACTIVITY = _Q["activity"]
+SELECT_ACTIVITY_OF_SWARM = _Q["activity_of_swarm"]
+SELECT_ACTIVITY_OF_AGENT = _Q["activity_of_agent"]
+DELETE_AGENT = _Q["delete"]
+DELETE_AGENTS_BY_SWARM = _Q["delete_by_swarm"]
 
 
 def _required(value: Any, field: str) -> Any:
@@ -310,7 +93,8 @@ def _required(value: Any, field: str) -> Any:
     return value
 
 
-# Per-column validators for create/update; each returns the value the driver wants.
+# Per-column validators for create/update; each returns the value the driver wants. In the order
+# of the fields of the statement "update".
 _VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "label": lambda x: v.check_text(x, "label", optional=True),
     "model": lambda x: v.check_text(x, "model", optional=True),
@@ -357,7 +141,7 @@ class AgentRepository(Repository):
         Zero is a value: ``max_retries=0`` and ``budget_limit=0`` are stored as given.
         """
         agent_id = v.check_uuid(id, "id", optional=True) or new_id()
-        swarm = _id(swarm_id, "swarm_id")
+        swarm = v.check_uuid(swarm_id, "swarm_id")
         st = v.check_choice(status, AGENT_STATUSES, "status")
         ls = v.check_choice(lifecycle_state, LIFECYCLE_STATES, "lifecycle_state")
         cfg = v.check_json_object(config, "config", optional=True)
@@ -380,54 +164,33 @@ class AgentRepository(Repository):
             meta if meta is not None else {},
             _FINAL,
         )
-
-        async def insert(con: Connection, attempt: int) -> Agent:
-            try:
-                row = await con.fetchrow(INSERT_AGENT, *args)
-            except asyncpg.ForeignKeyViolationError as exc:
-                raise NotFoundError("swarm", swarm) from exc
-            if row is None:
-                if attempt > 1:  # our own row, written by an attempt whose answer was lost
-                    row = await con.fetchrow(SELECT_AGENT_BY_ID, agent_id)
-                    ours = {"swarm_id": args[1], "label": args[2], "model": args[5], "task": args[6]}
-                    if row is not None and not written_by_us(row, ours):
-                        row = None  # another agent already had this id
-                if row is None:
-                    raise ConflictError(f"agent {agent_id} already exists", constraint="agents_pkey")
-            return Agent(*row)
-
-        return await self.db.run(insert, retry=True)
+        ours = {"swarm_id": swarm, "label": args[2], "model": args[5], "task": args[6]}
+        return await self._create(
+            Agent, INSERT_AGENT, SELECT_AGENT_BY_ID, args, ours, "agent", {"swarm": swarm}
+        )
 
     async def find_by_id(self, id: uuid.UUID | str) -> Agent | None:
         """The agent with this id, or None."""
-        row = await self.db.fetchrow(SELECT_AGENT_BY_ID, _id(id), retry=True)
-        return Agent(*row) if row is not None else None
+        return await self._one(Agent, SELECT_AGENT_BY_ID, v.check_uuid(id, "id"))
 
     async def find_by_swarm_id(
         self, swarm_id: uuid.UUID | str, limit: int | None = None, offset: int | None = None
     ) -> builtins.list[Agent]:
         """Agents of one swarm in spawn order (oldest first, ties by id)."""
-        swarm = _id(swarm_id, "swarm_id")
+        swarm = v.check_uuid(swarm_id, "swarm_id")
         lim = v.check_limit(limit)
         off = v.check_offset(offset)
-        rows = await self.db.fetch(SELECT_AGENTS_BY_SWARM, swarm, lim, off, retry=True)
-        return [Agent(*r) for r in rows]
+        return await self._many(Agent, SELECT_AGENTS_BY_SWARM, swarm, lim, off)
 
     @staticmethod
     def _filters(
         swarm_id: Any, status: Any, lifecycle_state: Any, model: Any
-    ) -> tuple[tuple[str, ...], builtins.list[Any]]:
-        given: builtins.list[tuple[str, Any]] = [
-            ("swarm_id", v.check_uuid(swarm_id, "swarm_id", optional=True)),
-            ("status", v.check_choice(status, AGENT_STATUSES, "status", optional=True)),
-            (
-                "lifecycle_state",
-                v.check_choice(lifecycle_state, LIFECYCLE_STATES, "lifecycle_state", optional=True),
-            ),
-            ("model", v.check_text(model, "model", optional=True)),
-        ]
-        present = [(c, x) for c, x in given if x is not None]
-        return tuple(c for c, _ in present), [x for _, x in present]
+    ) -> tuple[uuid.UUID | None, tuple[str | None, str | None, str | None]]:
+        """The swarm (None = every swarm), and status, lifecycle state and model (None = any)."""
+        swarm = v.check_uuid(swarm_id, "swarm_id", optional=True)
+        st = v.check_choice(status, AGENT_STATUSES, "status", optional=True)
+        ls = v.check_choice(lifecycle_state, LIFECYCLE_STATES, "lifecycle_state", optional=True)
+        return swarm, (st, ls, v.check_text(model, "model", optional=True))
 
     async def list(
         self,
@@ -441,13 +204,16 @@ class AgentRepository(Repository):
         order_direction: str = "desc",
     ) -> builtins.list[Agent]:
         """Agents matching every given filter, by spawned_at, updated_at, status or label, then id."""
-        columns, values = self._filters(swarm_id, status, lifecycle_state, model)
+        swarm, values = self._filters(swarm_id, status, lifecycle_state, model)
         lim = v.check_limit(limit)
         off = v.check_offset(offset)
         order = v.check_order(order_by, AGENT_ORDER_COLUMNS, default="spawned_at")
         direction = v.check_direction(order_direction)
-        rows = await self.db.fetch(_list_sql(columns, order, direction), lim, off, *values, retry=True)
-        return [Agent(*r) for r in rows]
+        if swarm is None and values == _NO_FILTER:
+            return await self._many(Agent, LIST_AGENTS[order, direction], lim, off)
+        if swarm is None:
+            return await self._many(Agent, LIST_AGENTS_WHERE[order, direction], lim, off, *values)
+        return await self._many(Agent, LIST_AGENTS_IN_SWARM[order, direction], lim, off, *values, swarm)
 
     async def count(
         self,
@@ -457,8 +223,16 @@ class AgentRepository(Repository):
         model: str | None = None,
     ) -> int:
         """Number of agents matching every given filter."""
-        columns, values = self._filters(swarm_id, status, lifecycle_state, model)
-        return int(await self.db.fetchval(_count_sql(columns), *values, retry=True))
+        swarm, values = self._filters(swarm_id, status, lifecycle_state, model)
+        if swarm is None and values == _NO_FILTER:
+            count = await self.db.fetchval(COUNT_ALL, retry=True)
+        elif swarm is None:
+            count = await self.db.fetchval(COUNT_WHERE, *values, retry=True)
+        elif values == _NO_FILTER:
+            count = await self.db.fetchval(COUNT_OF_SWARM, swarm, retry=True)
+        else:
+            count = await self.db.fetchval(COUNT_IN_SWARM_WHERE, *values, swarm, retry=True)
+        return int(count)
 
     async def get_counts_by_status(self, swarm_id: uuid.UUID | str | None = None) -> dict[str, int]:
         """Agents per status (every status present, zero-filled), for one swarm or all."""
@@ -494,8 +268,8 @@ class AgentRepository(Repository):
 
         Status and lifecycle changes go through ``update_status`` / ``update_lifecycle_state``.
         """
-        agent_id = _id(id)
-        given = {
+        agent_id = v.check_uuid(id, "id")
+        values = {
             "label": label,
             "model": model,
             "task": task,
@@ -510,37 +284,8 @@ class AgentRepository(Repository):
             "last_error": last_error,
             "runtime": runtime,
         }
-        columns: builtins.list[str] = []
-        values: builtins.list[Any] = []
-        for column in UPDATABLE_COLUMNS:
-            value = given[column]
-            if value is not UNSET:
-                columns.append(column)
-                values.append(_VALIDATORS[column](value))
-        if not columns:
-            return await self.find_by_id(agent_id)
-        row = await self.db.fetchrow(_update_sql(tuple(columns)), agent_id, *values, retry=True)
-        return Agent(*row) if row is not None else None
-
-    async def _transition(
-        self, sql: str, args: tuple[Any, ...], agent_id: uuid.UUID, requested: str, target: str
-    ) -> Agent | None:
-        """Run a guarded transition; ``target`` is the state a lost first attempt would have left."""
-
-        async def op(con: Connection, attempt: int) -> Agent | None:
-            row = await con.fetchrow(sql, *args)
-            if row is None:
-                return None  # no such agent
-            if row[1] is not None:
-                return Agent(*row[1:])
-            current = row[0]
-            if attempt > 1 and current == target:
-                # The first attempt applied the change but its answer was lost: that is success.
-                again = await con.fetchrow(SELECT_AGENT_BY_ID, agent_id)
-                return Agent(*again) if again is not None else None
-            raise InvalidTransitionError("agent", agent_id, current, requested)
-
-        return await self.db.run(op, retry=True)
+        fields = (given(values[column], check) for column, check in _VALIDATORS.items())
+        return await self._update(Agent, UPDATE_AGENT, SELECT_AGENT_BY_ID, agent_id, *fields)
 
     async def update_status(
         self, id: uuid.UUID | str, status: str, *, last_error: str | Unset | None = UNSET
@@ -552,57 +297,25 @@ class AgentRepository(Repository):
         agent only goes on through ``resume``, or stops (completed / failed / killed, which clears
         ``pause_time`` and ``paused_by``). None if the agent does not exist.
         """
-        agent_id = _id(id)
-        st = v.check_choice(status, AGENT_STATUSES, "status")
-        assert st is not None
-        if st == "paused":
-            raise ValidationError(
-                "status",
-                "'paused' is set by pause(agent_id, paused_by), which also records pause_time, "
-                "paused_by and the lifecycle state; update_status cannot",
-            )
-        set_error = last_error is not UNSET
-        error = (
-            v.check_text(last_error, "last_error", max_length=v.LONG_TEXT, optional=True)
-            if set_error
-            else None
-        )
-        args = (agent_id, st, _FINAL, _STATUS_SOURCES[st], set_error, error)
-        try:
-            return await self._transition(UPDATE_AGENT_STATUS, args, agent_id, f"set status to {st}", st)
-        except InvalidTransitionError as exc:
-            if exc.current != "paused":
-                raise
-            raise InvalidTransitionError(
-                "agent", agent_id, exc.current, f"set status to {st} (a paused agent goes on with resume())"
-            ) from None
+        return await transitions.update_status(self.db, id, status, last_error)
 
     async def update_lifecycle_state(self, id: uuid.UUID | str, state: str) -> Agent | None:
         """Change the lifecycle state (destroyed is final: InvalidTransitionError). None if missing."""
-        agent_id = _id(id)
-        ls = v.check_choice(state, LIFECYCLE_STATES, "state")
-        assert ls is not None
-        args = (agent_id, ls, _LIFECYCLE_SOURCES[ls])
-        return await self._transition(
-            UPDATE_AGENT_LIFECYCLE, args, agent_id, f"set lifecycle_state to {ls}", ls
-        )
+        return await transitions.update_lifecycle_state(self.db, id, state)
 
     async def pause(self, agent_id: uuid.UUID | str, paused_by: str) -> Agent | None:
         """Pause a pending / running / blocked agent (status and lifecycle paused, pause_time now()).
 
         InvalidTransitionError from any other status; None if the agent does not exist.
         """
-        aid = _id(agent_id, "agent_id")
-        by = v.check_text(paused_by, "paused_by", allow_empty=False)
-        return await self._transition(PAUSE_AGENT, (aid, by, _PAUSABLE), aid, "pause", "paused")
+        return await transitions.pause(self.db, agent_id, paused_by)
 
     async def resume(self, agent_id: uuid.UUID | str) -> Agent | None:
         """Resume a paused agent (status and lifecycle running; pause_time and paused_by cleared).
 
         InvalidTransitionError from any other status; None if the agent does not exist.
         """
-        aid = _id(agent_id, "agent_id")
-        return await self._transition(RESUME_AGENT, (aid, _RESUMABLE), aid, "resume", "running")
+        return await transitions.resume(self.db, agent_id)
 
     async def increment_retry(self, id: uuid.UUID | str, *, expected: int | None = None) -> Agent | None:
         """Add one to ``retry_count``; None if the agent does not exist.
@@ -618,10 +331,9 @@ class AgentRepository(Repository):
         agent as it is now) or not (then it tries again, and meets ConflictError if someone else
         moved the count meanwhile). It costs three round trips (BEGIN, the update, COMMIT).
         """
-        agent_id = _id(id)
+        agent_id = v.check_uuid(id, "id")
         if expected is None:
-            row = await self.db.fetchrow(INCREMENT_RETRY, agent_id, retry=False)
-            return Agent(*row) if row is not None else None
+            return await self._one(Agent, INCREMENT_RETRY, agent_id, retry=False)
         count = v.check_int(expected, "expected", maximum=v.INT_MAX - 1)
         applied_in: str | None = None  # transaction id of an attempt whose update went through
 
@@ -661,22 +373,18 @@ class AgentRepository(Repository):
         agent = v.check_uuid(agent_id, "agent_id", optional=True)
         lim = v.check_limit(limit)
         off = v.check_offset(offset)
-        columns: tuple[str, ...] = ()
-        values: builtins.list[Any] = []
-        if swarm is not None:
-            columns += ("swarm_id",)
-            values.append(swarm)
         if agent is not None:
-            columns += ("id",)
-            values.append(agent)
-        rows = await self.db.fetch(_activity_sql(columns), lim, off, *values, retry=True)
-        return [AgentActivity(*r) for r in rows]
+            return await self._many(AgentActivity, SELECT_ACTIVITY_OF_AGENT, lim, off, agent, swarm)
+        elif swarm is not None:
+            return await self._many(AgentActivity, SELECT_ACTIVITY_OF_SWARM, lim, off, swarm)
+        else:
+            return await self._many(AgentActivity, SELECT_ACTIVITY, lim, off)
 
     async def delete(self, id: uuid.UUID | str) -> bool:
         """Delete one agent. True if it existed."""
-        return await self.db.fetchval(DELETE_AGENT, _id(id), retry=True) is not None
+        return await self.db.fetchval(DELETE_AGENT, v.check_uuid(id, "id"), retry=True) is not None
 
     async def delete_by_swarm_id(self, swarm_id: uuid.UUID | str) -> int:
         """Delete every agent of a swarm; the number deleted."""
-        status = await self.db.execute(DELETE_AGENTS_BY_SWARM, _id(swarm_id, "swarm_id"), retry=True)
+        status = await self.db.execute(DELETE_AGENTS_BY_SWARM, v.check_uuid(swarm_id, "swarm_id"), retry=True)
         return int(status.rsplit(" ", 1)[-1])

@@ -53,12 +53,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+import weakref
 from decimal import Decimal
 from typing import Any
 
+from dash_storage import sql
 from dash_storage.core.database import Database
-from dash_storage.core.errors import ConflictError, is_transient
-from dash_storage.core.models import BUDGET_COLUMNS, Budget, ConsumeResult, ConsumeStatus
+from dash_storage.core.errors import ConflictError, DatabaseUnavailableError, is_transient
+from dash_storage.core.models import Budget, ConsumeResult, ConsumeStatus
 from dash_storage.core.retry import RetryPolicy, retry_call
 
 __all__ = [
@@ -76,6 +78,17 @@ __all__ = [
     "consume_one",
 ]
 
+# The statements (in sql/budgets.sql, next to the other budget SQL, which describes them).
+_Q = sql.load("budgets")
+#: One consume in one statement.
+CONSUME = _Q["consume"]
+#: A batch of consumes of one budget in one statement, granted greedily in arrival order.
+CONSUME_BATCH = _Q["consume_batch"]
+#: The ledger row of one idempotency key.
+SELECT_LEDGER_BY_KEY = _Q["ledger_by_key"]
+#: The ledger rows of several keys.
+SELECT_LEDGER_BY_KEYS = _Q["ledger_by_keys"]
+
 #: Most requests sent in one statement. The greedy walk costs a few microseconds per request
 #: (more for long batches), so a cap keeps the row lock short; the rest go in the next batch.
 MAX_BATCH = 500
@@ -84,150 +97,7 @@ BATCH_RETRIES = 1
 #: Seconds without combining after a batch broke up: while connections keep failing, independent
 #: retries (as without combining) get through more often than one batch retried by one caller.
 SOLO_PAUSE = 1.0
-_R_COLUMNS = ", ".join("r." + c.strip() for c in BUDGET_COLUMNS.split(","))
-_B_COLUMNS = ", ".join("b." + c.strip() for c in BUDGET_COLUMNS.split(","))
-_BIGINT_MAX = 9223372036854775807
-
-# The whole consume in one statement: $1 budget, $2 tokens, $3 cost, $4 idempotency key, $5 ledger id.
-#   b      locks the budget row; after waiting for a concurrent consume it sees that one's result
-#          (READ COMMITTED re-reads the newest row version), so the headroom check is exact.
-#   prior  the ledger row of this key, if one was committed before this statement's snapshot.
-#   led    writes the ledger row only if the key is new and the charge fits (unlimited tokens
-#          still cannot pass bigint's range); the unique index catches a same-key charge committed
-#          after the snapshot (then nothing is written).
-#   upd    applies the charge to the counters only if the ledger row was written.
-# Answer: no row = no budget; else granted?, settled? (false = the row changed after our snapshot,
-# so a same-key charge may be hidden from `prior`: the caller looks the key up again), the prior
-# ledger row (id, tokens, cost) if any, and the budget (after the charge if granted).
-CONSUME = f"""
-WITH b AS (
-    SELECT {BUDGET_COLUMNS}, xmin AS ver FROM budgets WHERE id = $1::uuid FOR UPDATE
-),
-prior AS (
-    SELECT id, tokens, cost FROM budget_ledger WHERE budget_id = $1::uuid AND idempotency_key = $4::text
-),
-led AS (
-    INSERT INTO budget_ledger (id, budget_id, tokens, cost, idempotency_key)
-    SELECT $5::uuid, b.id, $2::bigint, $3::numeric, $4::text FROM b
-    WHERE NOT EXISTS (SELECT 1 FROM prior)
-      AND b.consumed + $3::numeric <= b.allocated
-      AND b.used_tokens::numeric + $2::bigint <= COALESCE(b.max_tokens, {_BIGINT_MAX})
-    ON CONFLICT (budget_id, idempotency_key) DO NOTHING
-    RETURNING budget_id
-),
-upd AS (
-    UPDATE budgets
-    SET consumed = budgets.consumed + $3::numeric, used_tokens = budgets.used_tokens + $2::bigint
-    WHERE budgets.id IN (SELECT budget_id FROM led)
-    RETURNING {BUDGET_COLUMNS}
-)
-SELECT r.granted,
-       r.granted OR r.ver = (SELECT s.xmin FROM budgets s WHERE s.id = $1::uuid) AS settled,
-       p.id, p.tokens, p.cost,
-       {_R_COLUMNS}
-FROM (
-    SELECT true AS granted, NULL::xid AS ver, {BUDGET_COLUMNS} FROM upd
-    UNION ALL
-    SELECT false, ver, {BUDGET_COLUMNS} FROM b WHERE NOT EXISTS (SELECT 1 FROM upd)
-) r
-LEFT JOIN prior p ON true
-"""  # noqa: S608
-
-# A batch of consumes of ONE budget in one statement. $1 budget; $2 tokens, $3 costs, $4 keys (distinct)
-# and $5 ledger ids, as parallel text arrays in arrival order (text[] needs no per-connection type
-# introspection by asyncpg; the casts happen here).
-#   b      locks the budget row (see CONSUME: after a wait it holds the newest version).
-#   req    one row per request, n = its position.
-#   prior  the ledger row of each key that has one (an index lookup per key, never a scan of a
-#          long ledger: LIMIT 1 keeps the lateral subquery from being flattened into a join).
-#   arr    the amounts as arrays, MATERIALIZED so that the walk reads them once, not per step.
-#   walk   the greedy pass: step i grants request i (ok) if its key is new and its charge fits
-#          what the grants before it left; a request that does not fit charges nothing. Tokens
-#          are summed as numeric and capped at bigint's range so no sum can overflow.
-#   led    the ledger rows of the granted requests; the unique index refuses a key that another
-#          process committed after this statement's snapshot (that request is then reported 'r').
-#   upd    adds exactly what `led` wrote to the counters (so the ledger always sums to them).
-# Answer: no row = no budget; else the budget before the batch, the counters and updated_at after
-# it (NULL if nothing was charged), settled? (false = the row changed after our snapshot, so
-# `prior` may have missed keys committed meanwhile: see consume_many), one mark per request
-# (c = charged, i = insufficient, p = key already in the ledger, r = raced: refused by the unique
-# index), and the ledger rows of the 'p' requests in order (id, tokens, cost as text arrays).
-CONSUME_BATCH = f"""
-WITH RECURSIVE
-b AS (
-    SELECT {BUDGET_COLUMNS}, xmin AS ver FROM budgets WHERE id = $1::uuid FOR UPDATE
-),
-req AS (
-    SELECT k.n::int AS n, k.tok::bigint AS tok, k.cost::numeric AS cost, k.key, k.lid::uuid AS lid
-    FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) WITH ORDINALITY AS k(tok, cost, key, lid, n)
-),
-prior AS (
-    SELECT r.n, p.id, p.tokens, p.cost
-    FROM req r CROSS JOIN LATERAL (
-        SELECT l.id, l.tokens, l.cost FROM budget_ledger l
-        WHERE l.budget_id = $1::uuid AND l.idempotency_key = r.key LIMIT 1
-    ) p
-),
-arr AS MATERIALIZED (
-    SELECT array_agg(r.tok ORDER BY r.n) AS tok, array_agg(r.cost ORDER BY r.n) AS cost,
-           array_agg(p.n IS NOT NULL ORDER BY r.n) AS seen, count(*) AS total
-    FROM req r LEFT JOIN prior p ON p.n = r.n
-),
-walk (i, consumed, used, ok) AS (
-    SELECT 0, b.consumed, b.used_tokens::numeric, false FROM b
-    UNION ALL
-    SELECT s.i,
-           s.consumed + CASE WHEN s.ok THEN s.cost ELSE 0 END,
-           s.used + CASE WHEN s.ok THEN s.tok ELSE 0 END,
-           s.ok
-    FROM (
-        SELECT w.i + 1 AS i, w.consumed, w.used, a.cost[w.i + 1] AS cost, a.tok[w.i + 1] AS tok,
-               NOT a.seen[w.i + 1]
-               AND w.consumed + a.cost[w.i + 1] <= b.allocated
-               AND w.used + a.tok[w.i + 1] <= COALESCE(b.max_tokens, {_BIGINT_MAX}) AS ok
-        FROM walk w, arr a, b
-        WHERE w.i < a.total
-    ) s
-),
-led AS (
-    INSERT INTO budget_ledger (id, budget_id, tokens, cost, idempotency_key)
-    SELECT r.lid, $1::uuid, r.tok, r.cost, r.key
-    FROM walk w JOIN req r ON r.n = w.i
-    WHERE w.ok
-    ORDER BY w.i
-    ON CONFLICT (budget_id, idempotency_key) DO NOTHING
-    RETURNING idempotency_key, tokens, cost
-),
-upd AS (
-    UPDATE budgets
-    SET consumed = budgets.consumed + t.cost, used_tokens = budgets.used_tokens + t.tokens
-    FROM (SELECT sum(cost) AS cost, sum(tokens) AS tokens FROM led HAVING count(*) > 0) t
-    WHERE budgets.id = $1::uuid
-    RETURNING budgets.consumed, budgets.used_tokens, budgets.updated_at
-)
-SELECT {_B_COLUMNS}, u.consumed, u.used_tokens, u.updated_at,
-       b.ver = (SELECT s.xmin FROM budgets s WHERE s.id = $1::uuid),
-       (SELECT string_agg(CASE WHEN p.n IS NOT NULL THEN 'p' WHEN NOT w.ok THEN 'i'
-                               WHEN l.idempotency_key IS NULL THEN 'r' ELSE 'c' END, '' ORDER BY w.i)
-        FROM walk w
-        JOIN req r ON r.n = w.i
-        LEFT JOIN prior p ON p.n = w.i
-        LEFT JOIN led l ON l.idempotency_key = r.key),
-       (SELECT array_agg(p.id::text ORDER BY p.n) FROM prior p),
-       (SELECT array_agg(p.tokens::text ORDER BY p.n) FROM prior p),
-       (SELECT array_agg(p.cost::text ORDER BY p.n) FROM prior p)
-FROM b LEFT JOIN upd u ON true
-"""  # noqa: S608
-# The ledger row of one idempotency key (the rare path of a consume racing a same-key consume).
-SELECT_LEDGER_BY_KEY = """
-SELECT id, tokens, cost FROM budget_ledger WHERE budget_id = $1 AND idempotency_key = $2
-"""
-# The ledger rows of several keys (the rare path of a batch racing same-key consumes elsewhere).
-SELECT_LEDGER_BY_KEYS = """
-SELECT idempotency_key, id, tokens, cost FROM budget_ledger
-WHERE budget_id = $1 AND idempotency_key = ANY($2::text[])
-"""
-_NB = len(Budget._fields)
+#: Budgets remembered as hot at the most (see ConsumeCombiner._hot).
 _MAX_HOT = 10_000
 
 
@@ -305,6 +175,10 @@ class ConsumeRequest:
                 copy._settle(status, self.result.budget)
 
 
+#: bigint's largest value: the token limit of an unlimited budget, as in the statements.
+_BIGINT_MAX = 9223372036854775807
+
+
 def _fits(b: Budget, tokens: int, cost: Decimal) -> bool:
     """The headroom check of the statements, in Python."""
     limit = _BIGINT_MAX if b.max_tokens is None else b.max_tokens
@@ -331,6 +205,10 @@ async def consume_one(db: Database, req: ConsumeRequest) -> ConsumeResult:
         return ConsumeResult(ConsumeStatus.INSUFFICIENT, bid, key, budget)
     req._repeat_of(prior_id, prior_tokens, prior_cost, budget)
     return req.answer()
+
+
+#: The columns of a Budget, which start the answer of CONSUME_BATCH.
+_NB = len(Budget._fields)
 
 
 async def consume_many(db: Database, budget_id: uuid.UUID, batch: list[ConsumeRequest]) -> None:
@@ -400,15 +278,45 @@ class _Queue:
         self.pending: list[ConsumeRequest] = []
         self.size = 0  # of the last batch sent
 
+    def take(self) -> list[ConsumeRequest]:
+        """The next batch: queued requests in arrival order, each key once, at most MAX_BATCH.
+
+        A request repeating a key of the batch with the same amounts rides along with the first
+        (in its ``copies``); with other amounts it stays queued, to be judged after the first.
+        Requests whose caller was cancelled while queued are dropped.
+        """
+        batch: list[ConsumeRequest] = []
+        rest: list[ConsumeRequest] = []
+        first: dict[str, ConsumeRequest] = {}
+        for r in self.pending:
+            if r.waiter is not None and r.waiter.cancelled():
+                continue  # its caller is gone (it would drop itself from the queue)
+            if len(batch) >= MAX_BATCH:
+                rest.append(r)
+                continue
+            same = first.get(r.key)
+            if same is None:
+                first[r.key] = r
+                batch.append(r)
+            elif same.tokens == r.tokens and same.cost == r.cost:
+                same.copies.append(r)
+            else:
+                rest.append(r)  # same key, other amounts: judged after the first one is settled
+        self.pending = rest
+        self.size = len(batch)
+        return batch
+
 
 class ConsumeCombiner:
     """Combines concurrent consumes of the same budget, within one process and one Database.
 
     Get it with :func:`combiner_for`; every BudgetRepository on the same Database shares it.
+    It refers to its Database only weakly (the registry of combiners must keep no Database
+    alive); each call holds the Database it works on for as long as it runs.
     """
 
     def __init__(self, db: Database) -> None:
-        self._db = db
+        self._db = weakref.ref(db)
         self.loop = asyncio.get_running_loop()
         self._queues: dict[uuid.UUID, _Queue] = {}
         # Budgets whose last batch held several requests: their next leader yields once before
@@ -423,13 +331,16 @@ class ConsumeCombiner:
 
     async def consume(self, req: ConsumeRequest) -> ConsumeResult:
         """Queue ``req`` behind the budget's current batch, or lead a batch now; its own answer."""
+        db = self._db()
+        if db is None:  # only a caller that holds no Database could get here
+            raise DatabaseUnavailableError("the Database of this budget combiner no longer exists")
         q = self._queues.get(req.budget_id)
         if q is None and self._solo_until and self.loop.time() < self._solo_until:
-            return await consume_one(self._db, req)
+            return await consume_one(db, req)
         if q is None:
             q = self._queues[req.budget_id] = _Queue()
             q.pending.append(req)
-            return await self._lead(q, req)
+            return await self._lead(db, q, req)
         q.pending.append(req)
         req.waiter = self.loop.create_future()
         try:
@@ -438,12 +349,12 @@ class ConsumeCombiner:
             self._abandon(q, req)
             raise
         if lead:
-            return await self._lead(q, req)
+            return await self._lead(db, q, req)
         if req.alone:
-            return await self._solo(req)
+            return await self._solo(db, req)
         return req.answer()
 
-    async def _lead(self, q: _Queue, req: ConsumeRequest) -> ConsumeResult:
+    async def _lead(self, db: Database, q: _Queue, req: ConsumeRequest) -> ConsumeResult:
         if req.budget_id in self._hot:
             self._hot.discard(req.budget_id)
             try:
@@ -453,31 +364,33 @@ class ConsumeCombiner:
                 self._hand_over(q, req.budget_id)
                 raise
         while not req.settled:
-            batch = self._take(q)
+            batch = q.take()
             try:
-                await self._send(req.budget_id, batch)
+                await self._send(db, req.budget_id, batch)
             except asyncio.CancelledError:
                 # Our caller gave up mid-statement; the others in the batch still need answers.
                 # The statement may or may not have committed: re-sending it (same keys, same
                 # ledger ids) settles that either way.
-                task = asyncio.create_task(self._rescue(q, req.budget_id, batch))
+                task = asyncio.create_task(self._rescue(db, q, req.budget_id, batch))
                 self._rescues.add(task)
                 task.add_done_callback(self._rescues.discard)
                 raise
             self._deliver(q, batch, req)  # req unanswered: it heads the queue again, lead on
         self._hand_over(q, req.budget_id)
         if req.alone:
-            return await self._solo(req)
+            return await self._solo(db, req)
         return req.answer()
 
-    async def _solo(self, req: ConsumeRequest) -> ConsumeResult:
+    async def _solo(self, db: Database, req: ConsumeRequest) -> ConsumeResult:
         """Retry one request of a failed batch on its own (same key, same ledger id)."""
-        await asyncio.sleep(self._db.policy.backoff(1))  # not all of the batch at the same instant
-        return await consume_one(self._db, req)
+        await asyncio.sleep(db.policy.backoff(1))  # not all of the batch at the same instant
+        return await consume_one(db, req)
 
-    async def _rescue(self, q: _Queue, budget_id: uuid.UUID, batch: list[ConsumeRequest]) -> None:
+    async def _rescue(
+        self, db: Database, q: _Queue, budget_id: uuid.UUID, batch: list[ConsumeRequest]
+    ) -> None:
         try:
-            await self._send(budget_id, batch)
+            await self._send(db, budget_id, batch)
         finally:
             self._deliver(q, batch, None)
             self._hand_over(q, budget_id)
@@ -500,30 +413,7 @@ class ConsumeCombiner:
         if unanswered:
             q.pending[:0] = unanswered
 
-    def _take(self, q: _Queue) -> list[ConsumeRequest]:
-        """The next batch: queued requests in arrival order, each key once, at most MAX_BATCH."""
-        batch: list[ConsumeRequest] = []
-        rest: list[ConsumeRequest] = []
-        first: dict[str, ConsumeRequest] = {}
-        for r in q.pending:
-            if r.waiter is not None and r.waiter.cancelled():
-                continue  # its caller is gone (it would drop itself from the queue)
-            if len(batch) >= MAX_BATCH:
-                rest.append(r)
-                continue
-            same = first.get(r.key)
-            if same is None:
-                first[r.key] = r
-                batch.append(r)
-            elif same.tokens == r.tokens and same.cost == r.cost:
-                same.copies.append(r)
-            else:
-                rest.append(r)  # same key, other amounts: judged after the first one is settled
-        q.pending = rest
-        q.size = len(batch)
-        return batch
-
-    async def _send(self, budget_id: uuid.UUID, batch: list[ConsumeRequest]) -> None:
+    async def _send(self, db: Database, budget_id: uuid.UUID, batch: list[ConsumeRequest]) -> None:
         """Run the batch and record every request's answer; never raises but CancelledError."""
         self.batches += 1
         self.requests += len(batch)
@@ -534,11 +424,11 @@ class ConsumeCombiner:
             if len(batch) == 1:
                 only = batch[0]
                 try:
-                    only.result = await consume_one(self._db, only)
+                    only.result = await consume_one(db, only)
                 except ConflictError as exc:
                     only.error = exc
             else:
-                await consume_many(self._db, budget_id, batch)
+                await consume_many(db, budget_id, batch)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -576,14 +466,14 @@ class ConsumeCombiner:
         # else its batch is in flight: the leader answers it into the void.
 
 
-def combiner_for(db: Database) -> ConsumeCombiner:
-    """The combiner of ``db`` on the running event loop (one per Database, shared by repositories).
+#: The combiner of each Database. The keys are weak and a combiner refers to its Database only
+#: weakly, so an entry lives exactly as long as its Database and keeps none alive.
+_COMBINERS: weakref.WeakKeyDictionary[Database, ConsumeCombiner] = weakref.WeakKeyDictionary()
 
-    Kept on the Database itself, so it lives exactly as long as the Database (a module-level map
-    keyed by Database would keep every Database alive through the combiner's reference to it).
-    """
-    combiner: ConsumeCombiner | None = getattr(db, "_consume_combiner", None)
+
+def combiner_for(db: Database) -> ConsumeCombiner:
+    """The combiner of ``db`` on the running event loop (one per Database, shared by repositories)."""
+    combiner = _COMBINERS.get(db)
     if combiner is None or combiner.loop is not asyncio.get_running_loop():
-        combiner = ConsumeCombiner(db)
-        db._consume_combiner = combiner  # type: ignore[attr-defined]
+        combiner = _COMBINERS[db] = ConsumeCombiner(db)
     return combiner

@@ -36,21 +36,18 @@ the start, like an allocation spent to the last cent. Unlimited tokens have no p
 from __future__ import annotations
 
 import builtins
-import functools
 import math
 import uuid
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-import asyncpg
-
+from dash_storage import sql
 from dash_storage.core import validation as v
 from dash_storage.core.database import Connection, Database
 from dash_storage.core.errors import ConflictError, NotFoundError, ValidationError
 from dash_storage.core.ids import new_id
 from dash_storage.core.models import (
-    BUDGET_COLUMNS,
     UNSET,
     Budget,
     BudgetUsage,
@@ -61,8 +58,8 @@ from dash_storage.core.models import (
     SwarmBudgetSummary,
     Unset,
 )
-from dash_storage.repositories.base import Repository, written_by_us
-from dash_storage.repositories.budget_batcher import (  # the consume statements live there
+from dash_storage.repositories.base import ListReads, Repository, given, values_of
+from dash_storage.repositories.budget_batcher import (
     CONSUME,
     CONSUME_BATCH,
     SELECT_LEDGER_BY_KEY,
@@ -80,120 +77,50 @@ __all__ = [
     "SELECT_LEDGER_BY_KEYS",
     "BudgetRepository",
     "percent_used",
+    "statements",
 ]
 
-SCOPE_TYPES = frozenset(s.value for s in ScopeType)
-CURRENCIES = frozenset(c.value for c in Currency)
-#: Public ``order_by`` names of ``list`` -> SQL column (a fixed allow-list, never input).
-BUDGET_ORDER_COLUMNS = {
-    "created_at": "created_at",
-    "updated_at": "updated_at",
-    "allocated": "allocated",
-    "consumed": "consumed",
-}
-#: Columns ``update`` may set, in the order their parameters are numbered.
-UPDATABLE_COLUMNS = ("allocated", "currency", "max_tokens")
+SCOPE_TYPES = values_of(ScopeType)
+CURRENCIES = values_of(Currency)
+#: Public ``order_by`` names of ``list`` -> SQL column, the same name (a fixed allow-list, never input).
+BUDGET_ORDER_COLUMNS = {column: column for column in ("created_at", "updated_at", "allocated", "consumed")}
 _FULL = Decimal("100.00")
 
-# Idempotent create: a retried attempt finds its own row instead of inserting a second one.
-INSERT_BUDGET = f"""
-INSERT INTO budgets (id, swarm_id, scope_type, scope_id, allocated, currency, max_tokens)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
-ON CONFLICT (id) DO NOTHING
-RETURNING {BUDGET_COLUMNS}
-"""  # noqa: S608
-# One budget by primary key.
-SELECT_BUDGET_BY_ID = f"SELECT {BUDGET_COLUMNS} FROM budgets WHERE id = $1"  # noqa: S608
-# The budget of one scope (unique).
-SELECT_BUDGET_BY_SCOPE = f"""
-SELECT {BUDGET_COLUMNS} FROM budgets WHERE scope_type = $1 AND scope_id = $2
-"""  # noqa: S608
-# Every budget of a swarm, swarm scope first, then oldest first.
-SELECT_BUDGETS_BY_SWARM = f"""
-SELECT {BUDGET_COLUMNS} FROM budgets WHERE swarm_id = $1
-ORDER BY scope_type <> 'swarm', created_at, id LIMIT $2
-"""  # noqa: S608
-# Template of list(): {where}, {order}, {direction} are filled only from fixed fragments in code.
-LIST_BUDGETS_TEMPLATE = f"""
-SELECT {BUDGET_COLUMNS} FROM budgets{{where}}
-ORDER BY {{order}} {{direction}}, id {{direction}} LIMIT $1 OFFSET $2
-"""  # noqa: S608
-# Template of update(): {assignments} is built from the fixed column list UPDATABLE_COLUMNS.
-UPDATE_BUDGET_TEMPLATE = f"""
-UPDATE budgets SET {{assignments}} WHERE id = $1 RETURNING {BUDGET_COLUMNS}
-"""  # noqa: S608
-# Delete one budget (its ledger cascades).
-DELETE_BUDGET = "DELETE FROM budgets WHERE id = $1 RETURNING 1"
-# reset_consumption step 1: lock the budget so no consume commits between the next two statements.
-LOCK_BUDGET = "SELECT 1 FROM budgets WHERE id = $1 FOR UPDATE"
-# reset_consumption step 2: forget the budget's ledger (it must keep summing to the counters).
-DELETE_LEDGER = "DELETE FROM budget_ledger WHERE budget_id = $1"
-# reset_consumption step 3: zero the counters.
-RESET_BUDGET = f"""
-UPDATE budgets SET consumed = 0, used_tokens = 0 WHERE id = $1 RETURNING {BUDGET_COLUMNS}
-"""  # noqa: S608
-# Totals of a swarm's budgets; max_tokens is NULL (unlimited) when any of them is unlimited, and
-# when there is no budget at all (nothing limits the tokens; 0 would mean "no tokens allowed").
-SELECT_SWARM_SUMMARY = """
-SELECT count(*),
-       COALESCE(sum(allocated), 0),
-       COALESCE(sum(consumed), 0),
-       CASE WHEN count(*) = 0 OR bool_or(max_tokens IS NULL) THEN NULL ELSE sum(max_tokens) END,
-       COALESCE(sum(used_tokens), 0)
-FROM budgets WHERE swarm_id = $1
-"""
+# The statements, in the order of the methods that send them (the consume statements are used by
+# budget_batcher).
+_Q = sql.load("budgets")
+INSERT_BUDGET = _Q["insert"]
+SELECT_BUDGET_BY_ID = _Q["find_by_id"]
+SELECT_BUDGET_BY_SCOPE = _Q["find_by_scope"]
+SELECT_BUDGETS_BY_SWARM = _Q["find_by_swarm"]
+_LISTS = ListReads(_Q, "part_list", BUDGET_ORDER_COLUMNS)
+#: The reads of list() per (order column, direction): of every budget, of one scope type, and of
+#: one swarm.
+LIST_BUDGETS = _LISTS.form("list_by")
+LIST_BUDGETS_OF_SCOPE = _LISTS.form("list_of_scope_by", "part_of_scope")
+LIST_BUDGETS_IN_SWARM = _LISTS.form("list_in_swarm_by", "part_in_swarm")
+#: Every statement composed here, by name: ``statements()`` (the statement registry PREPAREs each).
+statements = _LISTS.statements
+UPDATE_BUDGET = _Q["update"]
+DELETE_BUDGET = _Q["delete"]
+SELECT_SWARM_SUMMARY = _Q["swarm_summary"]
+LOCK_BUDGET = _Q["lock"]
+DELETE_LEDGER = _Q["delete_ledger"]
+RESET_BUDGET = _Q["reset"]
 
 
-@functools.lru_cache(maxsize=64)
-def _list_sql(scope: bool, swarm: bool, order: str, direction: str) -> str:
-    parts = []
-    n = 3
-    if scope:
-        parts.append(f"scope_type = ${n}")
-        n += 1
-    if swarm:
-        parts.append(f"swarm_id = ${n}")
-    where = (" WHERE " + " AND ".join(parts)) if parts else ""
-    return LIST_BUDGETS_TEMPLATE.format(where=where, order=order, direction=direction)
+def _scope(value: Any) -> str:
+    return v.check_choice(value, SCOPE_TYPES, "scope_type")
 
 
-@functools.lru_cache(maxsize=64)
-def _update_sql(columns: tuple[str, ...]) -> str:
-    assert all(c in UPDATABLE_COLUMNS for c in columns)
-    assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(columns, start=2))
-    return UPDATE_BUDGET_TEMPLATE.format(assignments=assignments)
-
-
-def _id(value: Any, field: str = "id") -> uuid.UUID:
-    result = v.check_uuid(value, field)
-    assert result is not None
-    return result
-
-
-def _choice(value: Any, allowed: frozenset[str], field: str) -> str:
-    result = v.check_choice(value, allowed, field)
-    assert result is not None
-    return result
-
-
-def _money(value: Any, field: str) -> Decimal:
-    result = v.check_money(value, field)
-    assert result is not None
-    return result
-
-
-def _tokens(value: Any, field: str = "tokens") -> int:
-    result = v.check_int(value, field, minimum=0)
-    assert result is not None
-    return result
+def _currency(value: Any) -> str:
+    return v.check_choice(value, CURRENCIES, "currency")
 
 
 def _key(value: Any) -> str:
     if value is None:
         return str(new_id())
-    result = v.check_text(value, "idempotency_key", allow_empty=False)
-    assert result is not None
-    return result
+    return v.check_text(value, "idempotency_key", allow_empty=False)
 
 
 def percent_used(part: Decimal, whole: Decimal) -> Decimal:
@@ -256,8 +183,8 @@ class BudgetRepository(Repository):
         ConflictError if the id or scope exists.
         """
         budget_id = v.check_uuid(id, "id", optional=True) or new_id()
-        scope = _choice(scope_type, SCOPE_TYPES, "scope_type")
-        sid = _id(scope_id, "scope_id")
+        scope = _scope(scope_type)
+        sid = v.check_uuid(scope_id, "scope_id")
         swarm = v.check_uuid(swarm_id, "swarm_id", optional=True)
         if scope == ScopeType.SWARM:
             if swarm is None:
@@ -269,46 +196,32 @@ class BudgetRepository(Repository):
             swarm,
             scope,
             sid,
-            _money(allocated, "allocated"),
-            _choice(currency, CURRENCIES, "currency"),
+            v.check_money(allocated, "allocated"),
+            _currency(currency),
             v.check_int(max_tokens, "max_tokens", optional=True),
         )
-
-        async def insert(con: Connection, attempt: int) -> Budget:
-            try:
-                row = await con.fetchrow(INSERT_BUDGET, *args)
-            except asyncpg.ForeignKeyViolationError as exc:  # budgets.swarm_id: the only reference
-                raise NotFoundError("swarm", swarm) from exc
-            if row is None:
-                if attempt > 1:  # our own row, written by an attempt whose answer was lost
-                    row = await con.fetchrow(SELECT_BUDGET_BY_ID, budget_id)
-                    ours = {"scope_type": args[2], "scope_id": args[3]}
-                    if row is not None and not written_by_us(row, ours):
-                        row = None  # another budget already had this id
-                if row is None:
-                    raise ConflictError(f"budget {budget_id} already exists", constraint="budgets_pkey")
-            return Budget(*row)
-
-        return await self.db.run(insert, retry=True)
+        ours = {"scope_type": scope, "scope_id": sid}
+        # budgets.swarm_id is the only reference
+        return await self._create(
+            Budget, INSERT_BUDGET, SELECT_BUDGET_BY_ID, args, ours, "budget", {"swarm": swarm}
+        )
 
     async def find_by_id(self, id: uuid.UUID | str) -> Budget | None:
         """The budget with this id, or None."""
-        row = await self.db.fetchrow(SELECT_BUDGET_BY_ID, _id(id), retry=True)
-        return Budget(*row) if row is not None else None
+        return await self._one(Budget, SELECT_BUDGET_BY_ID, v.check_uuid(id, "id"))
 
     async def find_by_scope(self, scope_type: str, scope_id: uuid.UUID | str) -> Budget | None:
         """The budget of a scope (there is at most one), or None."""
-        scope = _choice(scope_type, SCOPE_TYPES, "scope_type")
-        row = await self.db.fetchrow(SELECT_BUDGET_BY_SCOPE, scope, _id(scope_id, "scope_id"), retry=True)
-        return Budget(*row) if row is not None else None
+        scope = _scope(scope_type)
+        sid = v.check_uuid(scope_id, "scope_id")
+        return await self._one(Budget, SELECT_BUDGET_BY_SCOPE, scope, sid)
 
     async def find_by_swarm_id(
         self, swarm_id: uuid.UUID | str, limit: int | None = None
     ) -> builtins.list[Budget]:
         """A swarm's budgets: the swarm-scope one first, then the others oldest first."""
-        sid = _id(swarm_id, "swarm_id")
-        rows = await self.db.fetch(SELECT_BUDGETS_BY_SWARM, sid, v.check_limit(limit), retry=True)
-        return [Budget(*r) for r in rows]
+        sid = v.check_uuid(swarm_id, "swarm_id")
+        return await self._many(Budget, SELECT_BUDGETS_BY_SWARM, sid, v.check_limit(limit))
 
     async def list(
         self,
@@ -327,14 +240,11 @@ class BudgetRepository(Repository):
         off = v.check_offset(offset)
         order = v.check_order(order_by, BUDGET_ORDER_COLUMNS, default="created_at")
         direction = v.check_direction(order_direction)
-        args: builtins.list[Any] = [lim, off]
-        if scope is not None:
-            args.append(scope)
-        if swarm is not None:
-            args.append(swarm)
-        sql = _list_sql(scope is not None, swarm is not None, order, direction)
-        rows = await self.db.fetch(sql, *args, retry=True)
-        return [Budget(*r) for r in rows]
+        if swarm is None and scope is None:
+            return await self._many(Budget, LIST_BUDGETS[order, direction], lim, off)
+        if swarm is None:
+            return await self._many(Budget, LIST_BUDGETS_OF_SCOPE[order, direction], lim, off, scope)
+        return await self._many(Budget, LIST_BUDGETS_IN_SWARM[order, direction], lim, off, scope, swarm)
 
     async def update(
         self,
@@ -349,32 +259,30 @@ class BudgetRepository(Repository):
         An allocation below what is already consumed (or a token limit below the tokens already
         used) is a ValidationError naming ``allocated`` (``max_tokens``); checked atomically.
         """
-        budget_id = _id(id)
-        values: dict[str, Any] = {}
-        if allocated is not UNSET:
-            values["allocated"] = _money(allocated, "allocated")
-        if currency is not UNSET:
-            values["currency"] = _choice(currency, CURRENCIES, "currency")
-        if max_tokens is not UNSET:
-            values["max_tokens"] = v.check_int(max_tokens, "max_tokens", optional=True)
-        if not values:
-            return await self.find_by_id(budget_id)
-        columns = tuple(c for c in UPDATABLE_COLUMNS if c in values)
+        budget_id = v.check_uuid(id, "id")
+        new_allocated = given(allocated, lambda x: v.check_money(x, "allocated"))
+        new_currency = given(currency, _currency)
+        new_max_tokens = given(max_tokens, lambda x: v.check_int(x, "max_tokens", optional=True))
         try:
-            row = await self.db.fetchrow(
-                _update_sql(columns), budget_id, *(values[c] for c in columns), retry=True
+            return await self._update(
+                Budget,
+                UPDATE_BUDGET,
+                SELECT_BUDGET_BY_ID,
+                budget_id,
+                new_allocated,
+                new_currency,
+                new_max_tokens,
             )
         except ValidationError as exc:
             if exc.field == "budgets_consumed_within_allocated_check":
                 raise ValidationError(
-                    "allocated", f"{values['allocated']} is below the amount already consumed"
+                    "allocated", f"{new_allocated[1]} is below the amount already consumed"
                 ) from exc.__cause__
             if exc.field == "budgets_used_tokens_within_max_check":
                 raise ValidationError(
-                    "max_tokens", f"{values['max_tokens']} is below the tokens already used"
+                    "max_tokens", f"{new_max_tokens[1]} is below the tokens already used"
                 ) from exc.__cause__
             raise
-        return Budget(*row) if row is not None else None
 
     async def delete(self, id: uuid.UUID | str) -> bool:
         """Delete a budget and its ledger; False if there was none.
@@ -382,7 +290,7 @@ class BudgetRepository(Repository):
         Retried on a lost connection (deleting twice is harmless); if the first attempt's answer was
         lost after it committed, the retry answers False although this call deleted the budget.
         """
-        return await self.db.fetchval(DELETE_BUDGET, _id(id), retry=True) is not None
+        return await self.db.fetchval(DELETE_BUDGET, v.check_uuid(id, "id"), retry=True) is not None
 
     async def try_consume(
         self,
@@ -398,9 +306,9 @@ class BudgetRepository(Repository):
         a key reused with different amounts raises ConflictError.
         """
         req = ConsumeRequest(
-            _id(budget_id, "budget_id"),
-            _tokens(tokens),
-            _money(cost, "cost"),
+            v.check_uuid(budget_id, "budget_id"),
+            v.check_int(tokens, "tokens", minimum=0),
+            v.check_money(cost, "cost"),
             _key(idempotency_key),
             new_id(),
         )
@@ -443,7 +351,7 @@ class BudgetRepository(Repository):
         if result.status is ConsumeStatus.INSUFFICIENT:
             constraint = (
                 "budgets_consumed_within_allocated_check"
-                if budget.consumed + _money(cost, "cost") > budget.allocated
+                if budget.consumed + v.check_money(cost, "cost") > budget.allocated
                 else "budgets_used_tokens_within_max_check"
             )
             raise ConflictError(
@@ -457,7 +365,7 @@ class BudgetRepository(Repository):
 
     async def get_usage(self, budget_id: uuid.UUID | str) -> BudgetUsage | None:
         """Tokens and cost used, percentages, remaining amounts and is_exceeded; None if no budget."""
-        budget = await self.find_by_id(_id(budget_id, "budget_id"))
+        budget = await self.find_by_id(v.check_uuid(budget_id, "budget_id"))
         return _usage(budget) if budget is not None else None
 
     async def get_usage_by_scope(self, scope_type: str, scope_id: uuid.UUID | str) -> BudgetUsage | None:
@@ -468,14 +376,14 @@ class BudgetRepository(Repository):
     async def is_exceeded(self, budget_id: uuid.UUID | str) -> bool | None:
         """True when no headroom is left (consumed >= allocated, or used_tokens >= max_tokens);
         None if there is no such budget."""
-        budget = await self.find_by_id(_id(budget_id, "budget_id"))
+        budget = await self.find_by_id(v.check_uuid(budget_id, "budget_id"))
         return _exceeded(budget) if budget is not None else None
 
     async def get_swarm_budget_summary(self, swarm_id: uuid.UUID | str) -> SwarmBudgetSummary:
         """Totals over every budget of a swarm (all scopes; amounts are summed as-is, whatever their
         currency). ``max_tokens`` is None (unlimited) if any budget is unlimited, and for a swarm
         without budgets (``budgets`` 0: nothing limits it), whose money figures are 0."""
-        sid = _id(swarm_id, "swarm_id")
+        sid = v.check_uuid(swarm_id, "swarm_id")
         row = await self.db.fetchrow(SELECT_SWARM_SUMMARY, sid, retry=True)
         assert row is not None
         count, allocated, consumed, max_tokens, used_tokens = row
@@ -496,7 +404,7 @@ class BudgetRepository(Repository):
         The idempotency keys go with the ledger: a consume retried with an old key after the reset
         is charged again.
         """
-        bid = _id(budget_id, "budget_id")
+        bid = v.check_uuid(budget_id, "budget_id")
 
         async def reset(con: Connection, attempt: int) -> Budget | None:
             # Lock first: a consume committing between the DELETE and the UPDATE would otherwise

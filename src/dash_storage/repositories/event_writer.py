@@ -2,7 +2,7 @@
 
 Each ``create()`` is validated in the caller's task (errors are raised there, before anything is
 queued), then queued; one writer loop per EventWriter takes what is queued whenever a write slot is
-free and writes it as one batch (``events.insert_prepared``: one INSERT, or binary COPY for big
+free and writes it as one batch (``event_ingest.insert_prepared``: one INSERT, or binary COPY for big
 batches). A caller's ``create()`` returns only after the batch that holds its event committed.
 
 - Batches form by themselves: while a batch is being written, new events queue up, and the next
@@ -22,26 +22,26 @@ batches). A caller's ``create()`` returns only after the batch that holds its ev
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import math
 import uuid
 from collections import deque
 from types import TracebackType
-from typing import Any
+from typing import Unpack
 
 from dash_storage.core import validation as v
 from dash_storage.core.database import Database, get_database
 from dash_storage.core.errors import ConflictError, DashStorageError, NotFoundError, ValidationError
 from dash_storage.core.models import Event
-from dash_storage.repositories.events import MAX_BATCH, insert_prepared, prepare_event
+from dash_storage.repositories.event_ingest import insert_prepared
+from dash_storage.repositories.event_input import MAX_BATCH, EventFields, EventRow, prepare_event
 
 __all__ = ["EventWriter"]
 
 log = logging.getLogger("dash_storage.event_writer")
 
 # A queued event: (validated row, payload JSON, the caller's future).
-_Item = tuple[Any, bytes, "asyncio.Future[Event]"]
+_Item = tuple[EventRow, bytes, "asyncio.Future[Event]"]
 
 
 class EventWriter:
@@ -118,21 +118,9 @@ class EventWriter:
     ) -> None:
         await self.close()
 
-    async def create(
-        self,
-        swarm_id: uuid.UUID | str,
-        type: str,
-        *,
-        agent_id: uuid.UUID | str | None = None,
-        payload: Any = None,
-        timestamp: dt.datetime | None = None,
-        correlation_id: str | None = None,
-        parent_event_id: uuid.UUID | str | None = None,
-        entity_type: str = "system",
-        severity: str = "info",
-        id: uuid.UUID | str | None = None,
-    ) -> Event:
-        """Append one event, as ``EventRepository.create`` does, sharing the write with others.
+    async def create(self, swarm_id: uuid.UUID | str, type: str, **fields: Unpack[EventFields]) -> Event:
+        """Append one event, as ``EventRepository.create`` does (the same arguments), sharing the
+        write with others.
 
         Returns the stored event once its batch has committed. Raises ValidationError (before
         queueing), NotFoundError naming the swarm or agent if it does not exist, ConflictError if
@@ -140,18 +128,7 @@ class EventWriter:
         """
         if self._closed:
             raise DashStorageError("this EventWriter is closed")
-        row, data = prepare_event(
-            swarm_id,
-            type,
-            agent_id,
-            payload,
-            timestamp,
-            correlation_id,
-            parent_event_id,
-            entity_type,
-            severity,
-            id,
-        )
+        row, data = prepare_event({"swarm_id": swarm_id, "type": type, **fields})
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Event] = loop.create_future()
         self._pending.append((row, data, future))

@@ -9,114 +9,44 @@ from __future__ import annotations
 
 import builtins
 import datetime as dt
-import functools
 import uuid
 from typing import Any
 
+from dash_storage import sql
 from dash_storage.core import validation as v
-from dash_storage.core.database import Connection
-from dash_storage.core.errors import ConflictError, ValidationError
+from dash_storage.core.errors import ValidationError
 from dash_storage.core.ids import new_id
-from dash_storage.core.models import SESSION_COLUMNS, UNSET, Session, Unset
-from dash_storage.repositories.base import Repository, written_by_us
+from dash_storage.core.models import UNSET, Session, Unset
+from dash_storage.repositories.base import ListReads, Repository, given
 
-__all__ = ["MAX_TTL_SECONDS", "SESSION_ORDER_COLUMNS", "SessionRepository"]
+__all__ = ["MAX_TTL_SECONDS", "SESSION_ORDER_COLUMNS", "SessionRepository", "statements"]
 
 #: Longest ttl / extension accepted (about 100 years).
 MAX_TTL_SECONDS = 100 * 366 * 86_400
-#: Public ``order_by`` names of ``list`` -> SQL column (a fixed allow-list, never input).
-SESSION_ORDER_COLUMNS = {
-    "created_at": "created_at",
-    "updated_at": "updated_at",
-    "expires_at": "expires_at",
-}
+#: Public ``order_by`` names of ``list`` -> SQL column, the same name (a fixed allow-list, never input).
+SESSION_ORDER_COLUMNS = {column: column for column in ("created_at", "updated_at", "expires_at")}
 
-# Idempotent create; expires_at is the given time, else now() + ttl (NULL when neither is given).
-INSERT_SESSION = f"""
-INSERT INTO sessions (id, tree_data, current_branch, metadata, expires_at)
-VALUES ($1, $2, $3, $4, COALESCE($5::timestamptz, now() + make_interval(secs => $6::double precision)))
-ON CONFLICT (id) DO NOTHING
-RETURNING {SESSION_COLUMNS}
-"""  # noqa: S608
-# A session by id whatever its expiry (a retried create fetching the row it wrote).
-SELECT_SESSION_ANY = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1"  # noqa: S608
-# A live (not expired) session by id.
-SELECT_SESSION = f"""
-SELECT {SESSION_COLUMNS} FROM sessions
-WHERE id = $1 AND (expires_at IS NULL OR expires_at > now())
-"""  # noqa: S608
-# Template of list(): {where}, {order}, {direction} come only from fixed fragments in code.
-LIST_SESSIONS_TEMPLATE = f"""
-SELECT {SESSION_COLUMNS} FROM sessions{{where}}
-ORDER BY {{order}} {{direction}}, id {{direction}} LIMIT $1 OFFSET $2
-"""  # noqa: S608
-# Filter of live sessions for the list template.
-LIVE_FILTER = " WHERE (expires_at IS NULL OR expires_at > now())"
-# Number of live sessions.
-COUNT_LIVE = "SELECT count(*) FROM sessions WHERE expires_at IS NULL OR expires_at > now()"
-# Number of sessions including expired ones.
-COUNT_ALL = "SELECT count(*) FROM sessions"
-# Whether a live session exists.
-SESSION_EXISTS = """
-SELECT EXISTS (SELECT 1 FROM sessions WHERE id = $1 AND (expires_at IS NULL OR expires_at > now()))
-"""
-# Template of update(): {assignments} is built from the fixed column list UPDATABLE_COLUMNS.
-UPDATE_SESSION_TEMPLATE = f"""
-UPDATE sessions SET {{assignments}}
-WHERE id = $1 AND (expires_at IS NULL OR expires_at > now())
-RETURNING {SESSION_COLUMNS}
-"""  # noqa: S608
-# New tree; current_branch NULL leaves the branch as it is.
-UPDATE_TREE_DATA = f"""
-UPDATE sessions SET tree_data = $2, current_branch = COALESCE($3, current_branch)
-WHERE id = $1 AND (expires_at IS NULL OR expires_at > now())
-RETURNING {SESSION_COLUMNS}
-"""  # noqa: S608
-# Atomic shallow merge of top-level metadata keys, in the database.
-MERGE_METADATA = f"""
-UPDATE sessions SET metadata = metadata || $2::jsonb
-WHERE id = $1 AND (expires_at IS NULL OR expires_at > now())
-RETURNING {SESSION_COLUMNS}
-"""  # noqa: S608
-# Live sessions on a branch, most recently updated first (ties by id).
-FIND_BY_BRANCH = f"""
-SELECT {SESSION_COLUMNS} FROM sessions
-WHERE current_branch = $1 AND (expires_at IS NULL OR expires_at > now())
-ORDER BY updated_at DESC, id DESC LIMIT $2 OFFSET $3
-"""  # noqa: S608
-# Push expiry out by $2 seconds from the later of its current expiry and now.
-EXTEND_EXPIRATION = f"""
-UPDATE sessions
-SET expires_at = greatest(COALESCE(expires_at, now()), now()) + make_interval(secs => $2::double precision)
-WHERE id = $1 AND (expires_at IS NULL OR expires_at > now())
-RETURNING {SESSION_COLUMNS}
-"""  # noqa: S608
-# Delete every expired session.
-DELETE_EXPIRED = "DELETE FROM sessions WHERE expires_at <= now()"
-# Delete one session (expired or not).
-DELETE_SESSION = "DELETE FROM sessions WHERE id = $1 RETURNING 1"
-
-#: Columns ``update`` may set, in a fixed order.
-UPDATABLE_COLUMNS = ("tree_data", "current_branch", "metadata", "expires_at")
-
-
-@functools.lru_cache(maxsize=32)
-def _list_sql(include_expired: bool, order: str, direction: str) -> str:
-    where = "" if include_expired else LIVE_FILTER
-    return LIST_SESSIONS_TEMPLATE.format(where=where, order=order, direction=direction)
-
-
-@functools.lru_cache(maxsize=32)
-def _update_sql(columns: tuple[str, ...]) -> str:
-    assert all(c in UPDATABLE_COLUMNS for c in columns)
-    assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(columns, start=2))
-    return UPDATE_SESSION_TEMPLATE.format(assignments=assignments)
-
-
-def _id(value: Any, field: str = "id") -> uuid.UUID:
-    result = v.check_uuid(value, field)
-    assert result is not None
-    return result
+# The statements, in the order of the methods that send them.
+_Q = sql.load("sessions")
+INSERT_SESSION = _Q["insert"]
+SELECT_SESSION_ANY = _Q["find_any"]
+SELECT_SESSION = _Q["find_by_id"]
+_LISTS = ListReads(_Q, "part_list", SESSION_ORDER_COLUMNS)
+#: The reads of list() per (order column, direction): of live sessions, and of all.
+LIST_LIVE_SESSIONS = _LISTS.form("list_live_by", "part_live")
+LIST_ALL_SESSIONS = _LISTS.form("list_all_by")
+#: Every statement composed here, by name: ``statements()`` (the statement registry PREPAREs each).
+statements = _LISTS.statements
+COUNT_LIVE = _Q["count_live"]
+COUNT_ALL = _Q["count_all"]
+SESSION_EXISTS = _Q["exists"]
+UPDATE_SESSION = _Q["update"]
+UPDATE_TREE_DATA = _Q["update_tree_data"]
+MERGE_METADATA = _Q["merge_metadata"]
+FIND_BY_BRANCH = _Q["find_by_branch"]
+EXTEND_EXPIRATION = _Q["extend_expiration"]
+DELETE_EXPIRED = _Q["delete_expired"]
+DELETE_SESSION = _Q["delete"]
 
 
 def _seconds(value: Any, field: str) -> float:
@@ -131,9 +61,7 @@ def _tree(value: Any, field: str = "tree_data") -> Any:
 
 
 def _metadata(value: Any, field: str = "metadata") -> dict[str, Any]:
-    result = v.check_json_object(value, field)
-    assert result is not None
-    return result
+    return v.check_json_object(value, field)
 
 
 class SessionRepository(Repository):
@@ -164,25 +92,12 @@ class SessionRepository(Repository):
         if expires is not None and ttl is not None:
             raise ValidationError("ttl_seconds", "give either expires_at or ttl_seconds, not both")
         args = (session_id, tree, branch, meta, expires, ttl)
-
-        async def insert(con: Connection, attempt: int) -> Session:
-            row = await con.fetchrow(INSERT_SESSION, *args)
-            if row is None:
-                if attempt > 1:  # our own row, written by an attempt whose answer was lost
-                    row = await con.fetchrow(SELECT_SESSION_ANY, session_id)
-                    ours = {"tree_data": args[1], "current_branch": args[2]}
-                    if row is not None and not written_by_us(row, ours):
-                        row = None  # another session already had this id
-                if row is None:
-                    raise ConflictError(f"session {session_id} already exists", constraint="sessions_pkey")
-            return Session(*row)
-
-        return await self.db.run(insert, retry=True)
+        ours = {"tree_data": tree, "current_branch": branch}
+        return await self._create(Session, INSERT_SESSION, SELECT_SESSION_ANY, args, ours, "session")
 
     async def find_by_id(self, id: uuid.UUID | str) -> Session | None:
         """The session with this id, or None if it does not exist or has expired (DB clock)."""
-        row = await self.db.fetchrow(SELECT_SESSION, _id(id), retry=True)
-        return Session(*row) if row is not None else None
+        return await self._one(Session, SELECT_SESSION, v.check_uuid(id, "id"))
 
     async def list(
         self,
@@ -198,8 +113,8 @@ class SessionRepository(Repository):
         off = v.check_offset(offset)
         order = v.check_order(order_by, SESSION_ORDER_COLUMNS, default="created_at")
         direction = v.check_direction(order_direction)
-        rows = await self.db.fetch(_list_sql(inc, order, direction), lim, off, retry=True)
-        return [Session(*r) for r in rows]
+        reads = LIST_ALL_SESSIONS if inc else LIST_LIVE_SESSIONS
+        return await self._many(Session, reads[order, direction], lim, off)
 
     async def count(self, include_expired: bool = False) -> int:
         """Number of sessions (live only unless ``include_expired``)."""
@@ -208,7 +123,7 @@ class SessionRepository(Repository):
 
     async def exists(self, id: uuid.UUID | str) -> bool:
         """Whether a live (not expired) session with this id exists."""
-        return bool(await self.db.fetchval(SESSION_EXISTS, _id(id), retry=True))
+        return bool(await self.db.fetchval(SESSION_EXISTS, v.check_uuid(id, "id"), retry=True))
 
     async def update(
         self,
@@ -223,46 +138,33 @@ class SessionRepository(Repository):
 
         None if the session does not exist or has expired.
         """
-        session_id = _id(id)
-        columns: builtins.list[str] = []
-        values: builtins.list[Any] = []
-        if tree_data is not UNSET:
-            columns.append("tree_data")
-            values.append(_tree(tree_data))
-        if current_branch is not UNSET:
-            columns.append("current_branch")
-            values.append(v.check_text(current_branch, "current_branch", optional=True))
-        if metadata is not UNSET:
-            columns.append("metadata")
-            values.append(_metadata(metadata))
-        if expires_at is not UNSET:
-            columns.append("expires_at")
-            values.append(v.check_timestamp(expires_at, "expires_at", optional=True))
-        if not columns:
-            return await self.find_by_id(session_id)
-        row = await self.db.fetchrow(_update_sql(tuple(columns)), session_id, *values, retry=True)
-        return Session(*row) if row is not None else None
+        session_id = v.check_uuid(id, "id")
+        fields = (
+            given(tree_data, _tree),
+            given(current_branch, lambda x: v.check_text(x, "current_branch", optional=True)),
+            given(metadata, _metadata),
+            given(expires_at, lambda x: v.check_timestamp(x, "expires_at", optional=True)),
+        )
+        return await self._update(Session, UPDATE_SESSION, SELECT_SESSION, session_id, *fields)
 
     async def update_tree_data(
         self, id: uuid.UUID | str, tree_data: Any, current_branch: str | None = None
     ) -> Session | None:
         """Replace the tree; also move to ``current_branch`` when given (None leaves the branch as is)."""
-        session_id = _id(id)
+        session_id = v.check_uuid(id, "id")
         tree = _tree(tree_data)
         branch = v.check_text(current_branch, "current_branch", optional=True)
-        row = await self.db.fetchrow(UPDATE_TREE_DATA, session_id, tree, branch, retry=True)
-        return Session(*row) if row is not None else None
+        return await self._one(Session, UPDATE_TREE_DATA, session_id, tree, branch)
 
     async def merge_metadata(self, id: uuid.UUID | str, patch: dict[str, Any]) -> Session | None:
         """Merge ``patch`` into the metadata atomically (top-level keys, ``metadata || patch``).
 
         Concurrent merges of different keys all survive. None if the session is missing or expired.
         """
-        session_id = _id(id)
+        session_id = v.check_uuid(id, "id")
         p = _metadata(patch, "patch")
         # A shallow merge is idempotent, so a retry after a lost answer cannot change the result.
-        row = await self.db.fetchrow(MERGE_METADATA, session_id, p, retry=True)
-        return Session(*row) if row is not None else None
+        return await self._one(Session, MERGE_METADATA, session_id, p)
 
     async def find_by_branch(
         self, branch: str, limit: int | None = None, offset: int | None = None
@@ -271,19 +173,17 @@ class SessionRepository(Repository):
         b = v.check_text(branch, "branch")
         lim = v.check_limit(limit)
         off = v.check_offset(offset)
-        rows = await self.db.fetch(FIND_BY_BRANCH, b, lim, off, retry=True)
-        return [Session(*r) for r in rows]
+        return await self._many(Session, FIND_BY_BRANCH, b, lim, off)
 
     async def extend_expiration(self, id: uuid.UUID | str, seconds: float) -> Session | None:
         """Push a live session's expiry ``seconds`` (> 0) past the later of its expiry and now (DB clock).
 
         A session that never expired gets ``now() + seconds``. None if missing or already expired.
         """
-        session_id = _id(id)
+        session_id = v.check_uuid(id, "id")
         secs = _seconds(seconds, "seconds")
         # Not retried: a second application would extend twice.
-        row = await self.db.fetchrow(EXTEND_EXPIRATION, session_id, secs, retry=False)
-        return Session(*row) if row is not None else None
+        return await self._one(Session, EXTEND_EXPIRATION, session_id, secs, retry=False)
 
     async def cleanup_expired(self) -> int:
         """Delete every expired session (DB clock); the number deleted."""
@@ -292,4 +192,4 @@ class SessionRepository(Repository):
 
     async def delete(self, id: uuid.UUID | str) -> bool:
         """Delete a session, expired or not. True if a row was deleted."""
-        return await self.db.fetchval(DELETE_SESSION, _id(id), retry=True) is not None
+        return await self.db.fetchval(DELETE_SESSION, v.check_uuid(id, "id"), retry=True) is not None

