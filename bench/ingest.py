@@ -49,7 +49,7 @@ from dash_storage.repositories.events import EventRepository
 PRODUCERS = 64
 MAX_BATCH = 500
 WRITER_CONCURRENCY = 2
-THRESHOLD_SIZES = (8, 16, 32, 64, 128, 256)
+THRESHOLD_SIZES = (8, 16, 32, 64, 96, 128, 256)
 TYPES = ["agent.spawned", "agent.step", "llm.call", "agent.completed"]
 RAW_COPY_COLUMNS = [c for c in event_copy.COPY_COLUMNS if c != "timestamp"]
 
@@ -201,7 +201,10 @@ async def run(
         if "bulk" in parts:
             bulk = await rounds(
                 db,
-                {"create_many": (create_many_1000, batch_ops * 1000), "copy": (raw_copy_1000, batch_ops * 1000)},
+                {
+                    "create_many": (create_many_1000, batch_ops * 1000),
+                    "copy": (raw_copy_1000, batch_ops * 1000),
+                },
                 n_rounds,
             )
             print(f"  create_many: { {k: round(v) for k, v in bulk.items()} }", flush=True)
@@ -247,16 +250,18 @@ async def run(
             f"| {w / c64:.2f}x | {w / i:.2f}x |",
             f"| `EventWriter.create`, 512 producers one at a time | {w512:,.0f} | {w512 / c500:.2f}x "
             f"| {w512 / c64:.2f}x | {w512 / i:.2f}x |",
-            f"| raw asyncpg single-row INSERT, {PRODUCERS} producers, pool of 16 | {i:,.0f} | {i / c500:.2f}x "
-            f"| {i / c64:.2f}x | 1.00x |",
+            f"| raw asyncpg single-row INSERT, {PRODUCERS} producers, pool of 16 | {i:,.0f} "
+            f"| {i / c500:.2f}x | {i / c64:.2f}x | 1.00x |",
             f"| raw asyncpg COPY, batches of {PRODUCERS}, one connection | {c64:,.0f} | {c64 / c500:.2f}x "
             f"| 1.00x | {c64 / i:.2f}x |",
-            f"| raw asyncpg COPY, batches of {MAX_BATCH}, {WRITER_CONCURRENCY} connections | {c500:,.0f} | 1.00x "
-            f"| {c500 / c64:.2f}x | {c500 / i:.2f}x |",
+            f"| raw asyncpg COPY, batches of {MAX_BATCH}, {WRITER_CONCURRENCY} connections | {c500:,.0f} "
+            f"| 1.00x | {c500 / c64:.2f}x | {c500 / i:.2f}x |",
             "",
             f"{PRODUCERS} producers that each await their event never have more than {PRODUCERS} events",
-            f"outstanding, so no writer can commit more than {PRODUCERS} at a time, and every commit waits for",
-            f'a WAL flush, which raw COPY in batches of {MAX_BATCH} pays once per {MAX_BATCH} rows. "vs raw COPY',
+            f"outstanding, so no writer can commit more than {PRODUCERS} at a time, and every commit waits "
+            "for",
+            f"a WAL flush, which raw COPY in batches of {MAX_BATCH} pays once per {MAX_BATCH} rows. "
+            '"vs raw COPY',
             f'×{PRODUCERS}" compares with COPY of the batches these producers can form; with more producers',
             "outstanding the writer's batches grow (the 512-producer row).",
             "",

@@ -301,27 +301,21 @@ async def run(
         agent_sql = event_filters.select_sql(("agent_id",), "DESC", after=False)
         stats_args = (24 * 3600.0,)
 
-        cases: list[tuple[str, Any, Any, int, str, tuple[Any, ...]]] = [
-            (
-                f"find_by_filter (swarm, 2 common types {'/'.join(COMMON_TYPES)}, since 24h, limit 100)",
-                lambda i: repo.find_by_filter(
-                    swarm_id=pick_swarm[i], types=COMMON_TYPES, since=since, limit=100
-                ),
-                lambda i: pool.fetch(filter_sql, 100, pick_swarm[i], COMMON_TYPES, since),
+        Case = tuple[str, Any, Any, int, str, tuple[Any, ...]]
+
+        def by_types(kind: str, types: list[str]) -> Case:
+            return (
+                f"find_by_filter (swarm, 2 {kind} types {'/'.join(types)}, since 24h, limit 100)",
+                lambda i: repo.find_by_filter(swarm_id=pick_swarm[i], types=types, since=since, limit=100),
+                lambda i: pool.fetch(filter_sql, 100, pick_swarm[i], types, since),
                 calls,
                 filter_sql,
-                (100, pick_swarm[0], COMMON_TYPES, since),
-            ),
-            (
-                f"find_by_filter (swarm, 2 rare types {'/'.join(RARE_TYPES)}, since 24h, limit 100)",
-                lambda i: repo.find_by_filter(
-                    swarm_id=pick_swarm[i], types=RARE_TYPES, since=since, limit=100
-                ),
-                lambda i: pool.fetch(filter_sql, 100, pick_swarm[i], RARE_TYPES, since),
-                calls,
-                filter_sql,
-                (100, pick_swarm[0], RARE_TYPES, since),
-            ),
+                (100, pick_swarm[0], types, since),
+            )
+
+        cases: list[Case] = [
+            by_types("common", COMMON_TYPES),
+            by_types("rare", RARE_TYPES),
             (
                 "find_by_filter (swarm, 2 rare types, NO since, limit 100): the swarm's whole log",
                 lambda i: repo.find_by_filter(swarm_id=pick_swarm[i], types=RARE_TYPES, limit=100),

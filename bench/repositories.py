@@ -4,14 +4,23 @@ Operations: EventRepository.create / find_by_id / find_by_filter / create_many(1
 BudgetRepository.consume_budget. Each is run at concurrency 1 (pure per-call overhead) and 16 (a
 busy swarm), interleaving rounds of the library and raw asyncpg so that drift hits both alike.
 Raw asyncpg gets the same statements, the same arguments, the same JSON codecs and a default pool.
+
+``run_single_row`` compares the single-row workloads (swarm create + find by id, the agent
+lifecycle create / running / pause / resume, budget consume) with raw asyncpg running the same SQL
+on a pool that does NOT reset connections on release (as the library's does not), at concurrency 1
+and 8, and reports client CPU per operation (``time.process_time()`` around each round) too.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import statistics
+import time
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import orjson
 
 from bench.common import (
@@ -19,14 +28,21 @@ from bench.common import (
     compare,
     machine,
     raw_pool,
+    run_ops,
     scratch_database,
     server_version,
     table,
     today,
 )
+from dash_storage.core.connections import init_connection, keep_session
+from dash_storage.core.database import Database
 from dash_storage.core.ids import new_id
+from dash_storage.repositories import agent_transitions as transition_sql
+from dash_storage.repositories import agents as agent_sql
 from dash_storage.repositories import budgets as budget_sql
 from dash_storage.repositories import event_filters, event_ingest
+from dash_storage.repositories import swarms as swarm_sql
+from dash_storage.repositories.agents import AgentRepository
 from dash_storage.repositories.budgets import BudgetRepository
 from dash_storage.repositories.events import EventRepository
 from dash_storage.repositories.swarms import SwarmRepository
@@ -136,3 +152,145 @@ async def run(total: int = 2000, pool_size: int = 16) -> str:
             "",
         ]
     )
+
+
+# -- single-row workloads against raw asyncpg without a pool reset -----------------------------
+
+Op = Callable[[int], Awaitable[object]]
+
+
+async def plain_pool(db: Database, size: int) -> asyncpg.Pool:
+    """Raw asyncpg as the library runs it: the same codecs, no reset on release."""
+    kwargs = await db.connect_kwargs()
+    pool = await asyncpg.create_pool(
+        min_size=size, max_size=size, init=init_connection, reset=keep_session, **kwargs
+    )
+    assert pool is not None
+    return pool
+
+
+async def _side(op: Op, total: int, concurrency: int) -> tuple[float, float]:
+    cpu = time.process_time()
+    rate = await run_ops(op, total, concurrency)
+    return rate, (time.process_time() - cpu) / total * 1e6
+
+
+async def compare_cpu(
+    ours: Op, raw: Op, total: int, concurrency: int, rounds: int
+) -> tuple[float, float, float, float]:
+    """Interleaved rounds (who goes first alternates); medians of (ops/s, client CPU µs per op)
+    of ours, then of raw."""
+    await run_ops(ours, max(total // 10, 10), concurrency)
+    await run_ops(raw, max(total // 10, 10), concurrency)
+    a: list[tuple[float, float]] = []
+    b: list[tuple[float, float]] = []
+    for n in range(rounds):
+        if n % 2:
+            b.append(await _side(raw, total, concurrency))
+            a.append(await _side(ours, total, concurrency))
+        else:
+            a.append(await _side(ours, total, concurrency))
+            b.append(await _side(raw, total, concurrency))
+    med = statistics.median
+    return med(r for r, _ in a), med(c for _, c in a), med(r for r, _ in b), med(c for _, c in b)
+
+
+async def run_single_row(total: int = 1000, pool_size: int = 8, rounds: int = 7) -> str:
+    async with scratch_database(
+        "dash_bench_rows", postgres_min_pool_size=pool_size, postgres_max_pool_size=pool_size
+    ) as db:
+        version = await server_version(db)
+        swarms = SwarmRepository(db)
+        agents = AgentRepository(db)
+        budgets = BudgetRepository(db, combine=False)
+        swarm = await swarms.create(name="bench")
+        budget = await budgets.create("swarm", swarm.id, allocated=Decimal("1e12"))
+        pool = await plain_pool(db, pool_size)
+        final = sorted(transition_sql.FINAL_AGENT_STATUSES)
+
+        async def swarm_ours(i: int) -> object:
+            s = await swarms.create(name="s", config={"i": i})
+            return await swarms.find_by_id(s.id)
+
+        async def swarm_raw(i: int) -> object:
+            row = await pool.fetchrow(swarm_sql.INSERT_SWARM, new_id(), "s", {"i": i}, "creating")
+            assert row is not None
+            return await pool.fetchrow(swarm_sql.SELECT_SWARM_BY_ID, row[0])
+
+        async def agent_ours(i: int) -> object:
+            a = await agents.create(swarm.id, model="m", task="t")
+            await agents.update_status(a.id, "running")
+            await agents.pause(a.id, "bench")
+            return await agents.resume(a.id)
+
+        def step(aid: Any, *args: Any) -> Awaitable[object]:
+            return pool.fetchrow(transition_sql.TRANSITION, aid, *args)
+
+        async def agent_raw(i: int) -> object:
+            row = await pool.fetchrow(
+                agent_sql.INSERT_AGENT,
+                new_id(), swarm.id, None, "pending", "initializing", "m", "t", {}, None, None, None,
+                None, 3, None, {}, final,
+            )  # fmt: skip
+            assert row is not None
+            aid = row[0]
+            await step(aid, *transition_sql.status_args("running"))
+            await step(aid, *transition_sql.pause_args("bench"))
+            return await step(aid, *transition_sql.RESUME_ARGS)
+
+        async def consume_ours(i: int) -> object:
+            return await budgets.try_consume(budget.id, 10, Decimal("0.0001"))
+
+        async def consume_raw(i: int) -> object:
+            return await pool.fetchrow(
+                budget_sql.CONSUME, budget.id, 10, Decimal("0.0001"), str(new_id()), new_id()
+            )
+
+        cases = [
+            ("swarms.create + find_by_id", swarm_ours, swarm_raw, total),
+            ("agents: create, running, pause, resume", agent_ours, agent_raw, total // 2),
+            ("budgets.try_consume (combine=False)", consume_ours, consume_raw, total),
+        ]
+        rows = [
+            "| workload | concurrency | dash-storage ops/s | raw ops/s | vs raw (higher is better) "
+            "| CPU µs/op ours | CPU µs/op raw | CPU ratio |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, ours, raw, n in cases:
+            for concurrency in (1, pool_size):
+                r_ours, c_ours, r_raw, c_raw = await compare_cpu(ours, raw, n, concurrency, rounds)
+                line = (
+                    f"| {name} | {concurrency} | {r_ours:,.0f} | {r_raw:,.0f} | {r_ours / r_raw:.2f}x "
+                    f"| {c_ours:.0f} | {c_raw:.0f} | {c_ours / c_raw:.2f}x |"
+                )
+                print(line, flush=True)
+                rows.append(line)
+        await pool.close()
+    return "\n".join(
+        [
+            "## Single-row repository workloads versus raw asyncpg (no pool reset)",
+            "",
+            f"Measured {today()} on {machine()}, PostgreSQL {version}, uvloop.",
+            f"Median of {rounds} interleaved rounds; raw asyncpg runs the same SQL on a pool of the same "
+            "size that does not reset connections on release; CPU is the client's process time per op.",
+            "",
+            "\n".join(rows),
+            "",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from dash_storage.cli.common import run as run_loop
+
+    parser = argparse.ArgumentParser(description="repositories versus raw asyncpg (prints the tables)")
+    parser.add_argument("--single-row", action="store_true", help="only the single-row workloads")
+    parser.add_argument("--total", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=7)
+    opts = parser.parse_args()
+    if opts.single_row:
+        print(run_loop(run_single_row(opts.total, rounds=opts.rounds)))
+    else:
+        print(run_loop(run(opts.total)))

@@ -53,27 +53,30 @@ async def admin_connect(settings: Settings, database: str = "postgres") -> async
     return await asyncpg.connect(**kwargs)
 
 
-async def recreate_database(settings: Settings, name: str, *, template: str | None = None) -> None:
+async def admin_execute(settings: Settings, *statements: str, **names: str) -> None:
+    """Run ``statements`` in order on an admin connection; each ``{key}`` in them stands for the
+    identifier ``names[key]``, quoted by the server."""
     con = await admin_connect(settings)
     try:
-        ident = await con.fetchval("SELECT quote_ident($1)", name)
-        await con.execute(f"DROP DATABASE IF EXISTS {ident} WITH (FORCE)")
-        if template:
-            tmpl = await con.fetchval("SELECT quote_ident($1)", template)
-            await con.execute(f"CREATE DATABASE {ident} TEMPLATE {tmpl}")
-        else:
-            await con.execute(f"CREATE DATABASE {ident}")
+        idents = {key: await con.fetchval("SELECT quote_ident($1)", name) for key, name in names.items()}
+        for statement in statements:
+            await con.execute(statement.format(**idents))
     finally:
         await con.close()
+
+
+async def recreate_database(settings: Settings, name: str, *, template: str | None = None) -> None:
+    drop = "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+    if template:
+        await admin_execute(
+            settings, drop, "CREATE DATABASE {db} TEMPLATE {template}", db=name, template=template
+        )
+    else:
+        await admin_execute(settings, drop, "CREATE DATABASE {db}", db=name)
 
 
 async def drop_database(settings: Settings, name: str) -> None:
-    con = await admin_connect(settings)
-    try:
-        ident = await con.fetchval("SELECT quote_ident($1)", name)
-        await con.execute(f"DROP DATABASE IF EXISTS {ident} WITH (FORCE)")
-    finally:
-        await con.close()
+    await admin_execute(settings, "DROP DATABASE IF EXISTS {db} WITH (FORCE)", db=name)
 
 
 async def migrate(database: Database) -> None:

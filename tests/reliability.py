@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import platform
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,21 @@ def record(
     test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
     FINDINGS.append(
         Finding(category, fault, operations, succeeded, lost, duplicated, raw_errors, notes, test)
+    )
+
+
+def record_counts(category: str, fault: str, counts: Any, notes: str = "") -> None:
+    """``record`` with the numbers read from ``counts``: its attributes named as ``record``'s
+    arguments (``lost`` and ``duplicated`` are 0 where it has none)."""
+    record(
+        category,
+        fault,
+        operations=counts.operations,
+        succeeded=counts.succeeded,
+        lost=getattr(counts, "lost", 0),
+        duplicated=getattr(counts, "duplicated", 0),
+        raw_errors=counts.raw_errors,
+        notes=notes,
     )
 
 

@@ -23,8 +23,7 @@ from dash_storage.core.database import Database
 from dash_storage.server import embedded
 from tests.conftest import TEST_DB, migrate
 from tests.factories import wait_until
-from tests.faults.workload import Workload
-from tests.reliability import record
+from tests.faults.workload import Workload, assert_recovered
 
 pytestmark = [pytest.mark.embedded, pytest.mark.reliability]
 
@@ -102,27 +101,17 @@ async def test_workload_survives_a_server_restart(
         assert health.ok, health.error
         assert await db.fetchval("SELECT pg_postmaster_start_time()") > boot  # it did restart
         rep = await work.verify(db)
-        assert rep.problems == [], rep.problems[:10]
-        assert (rep.lost, rep.duplicated, rep.raw_errors) == (0, 0, 0), rep
-        assert rep.succeeded > 0
+        rep.assert_clean()
         # Everything retried (all but increment_retry) rode through the restart.
         assert all(kind.endswith("(retry)") for kind in rep.errors), rep.errors
-        stats = db.stats()
-        assert (stats.in_use, stats.waiting) == (0, 0), stats
+        await assert_recovered(db)
     finally:
         await db.close()
     retries = caplog.text.count(", retry ")
     print(f"\n{retries} retries; {rep}")
-    record(
-        "connection faults",
+    rep.record(
         f"server restart (embedded PostgreSQL 18, pg_ctl restart -m fast) after {RESTART_AFTER:,} of "
         f"{32 * 400:,} operations of the workload, 32 tasks",
-        operations=rep.operations,
-        succeeded=rep.succeeded,
-        lost=rep.lost,
-        duplicated=rep.duplicated,
-        raw_errors=rep.raw_errors,
-        notes=f"{retries} transient failures retried; failed: {rep.error_summary()}; "
-        f"{rep.applied_after_error} applied though their answer was lost, {rep.settled} charges re-asked; "
+        f"{retries} transient failures retried; {rep.outcome_notes()}; "
         "the pool recovered without re-initialising",
     )

@@ -17,6 +17,17 @@ __all__ = ["LostAnswerDatabase", "RetryAttemptDatabase", "StatementHook"]
 T = TypeVar("T")
 
 
+def as_attempt(
+    fn: Callable[[Connection, int], Awaitable[T]], attempt: int
+) -> Callable[[Connection, int], Awaitable[T]]:
+    """``fn`` run as attempt number ``attempt``, whatever attempt the Database is on."""
+
+    async def call(con: Connection, _: int) -> T:
+        return await fn(con, attempt)
+
+    return call
+
+
 class StatementHook(Database):
     """A real Database whose one-statement helpers all go through :meth:`statement`, which a
     subclass overrides to count, replay or fail statements."""
@@ -66,16 +77,9 @@ class LostAnswerDatabase(StatementHook):
     ) -> T:
         if not retry:
             return await super().run(fn, transaction=transaction)
-
-        async def first(con: Connection, _: int) -> T:
-            return await fn(con, 1)
-
-        async def second(con: Connection, _: int) -> T:
-            return await fn(con, 2)
-
         self.replays += 1
-        await super().run(first, transaction=transaction)
-        return await super().run(second, transaction=transaction)
+        await super().run(as_attempt(fn, 1), transaction=transaction)
+        return await super().run(as_attempt(fn, 2), transaction=transaction)
 
 
 class RetryAttemptDatabase(Database):
@@ -85,10 +89,4 @@ class RetryAttemptDatabase(Database):
     async def run(
         self, fn: Callable[[Connection, int], Awaitable[T]], *, retry: bool = False, transaction: bool = False
     ) -> T:
-        if not retry:
-            return await super().run(fn, transaction=transaction)
-
-        async def second(con: Connection, _: int) -> T:
-            return await fn(con, 2)
-
-        return await super().run(second, transaction=transaction)
+        return await super().run(as_attempt(fn, 2) if retry else fn, transaction=transaction)

@@ -116,6 +116,11 @@ class FaultProxy:
         self._server: asyncio.Server | None = None
         self.port = 0
 
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """The settings that connect through this proxy: ``make_database(**proxy.overrides, ...)``."""
+        return {"postgres_host": "127.0.0.1", "postgres_port": self.port}
+
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> FaultProxy:
@@ -167,21 +172,23 @@ class FaultProxy:
         self._to_server.set()
         self._to_client.set()
 
-    def reset_all(self) -> int:
-        """Reset every open connection now; returns how many."""
+    def _end_all(self, *, reset: bool) -> int:
         links = [link for link in self._links if not link.done]
         for link in links:
-            self._end(link, reset=True)
-        self.stats.resets += len(links)
+            self._end(link, reset=reset)
         return len(links)
+
+    def reset_all(self) -> int:
+        """Reset every open connection now; returns how many."""
+        n = self._end_all(reset=True)
+        self.stats.resets += n
+        return n
 
     def close_all(self) -> int:
         """Close every open connection (FIN to both sides); returns how many."""
-        links = [link for link in self._links if not link.done]
-        for link in links:
-            self._end(link, reset=False)
-        self.stats.closed += len(links)
-        return len(links)
+        n = self._end_all(reset=False)
+        self.stats.closed += n
+        return n
 
     def release_held(self) -> int:
         """Close the client sides kept open by ``hold_close``; returns how many."""

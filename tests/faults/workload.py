@@ -30,8 +30,9 @@ from dash_storage.core.models import ConsumeStatus
 from dash_storage.repositories.agents import AgentRepository
 from dash_storage.repositories.budgets import BudgetRepository
 from dash_storage.repositories.events import EventRepository
+from tests.reliability import record_counts
 
-__all__ = ["KILL_POOL", "Outcome", "Report", "Workload", "terminate_loop"]
+__all__ = ["KILL_POOL", "Outcome", "Report", "Workload", "assert_recovered", "terminate_loop"]
 
 KINDS = ("event", "batch", "consume", "update", "status", "retry")
 BATCH = 5
@@ -80,6 +81,32 @@ class Report:
 
     def error_summary(self, top: int = 3) -> str:
         return ", ".join(f"{n} {name}" for name, n in self.errors.most_common(top)) or "none"
+
+    def assert_clean(self) -> None:
+        """Nothing that returned success was lost or doubled, no raw driver error, some succeeded."""
+        assert self.problems == [], self.problems[:10]
+        assert (self.lost, self.duplicated, self.raw_errors) == (0, 0, 0), self
+        assert self.succeeded > 0
+
+    def outcome_notes(self) -> str:
+        """What failed, and what was applied or settled although its call raised."""
+        return (
+            f"failed: {self.error_summary()}; {self.applied_after_error} applied though their answer "
+            f"was lost, {self.settled} charges re-asked"
+        )
+
+    def record(self, fault: str, notes: str) -> None:
+        """This report as a "connection faults" row of RELIABILITY.md."""
+        record_counts("connection faults", fault, self, notes)
+
+
+async def assert_recovered(db: Database) -> None:
+    """The same pool serves again: health check ok, nothing in use or waiting."""
+    health = await db.health_check()
+    assert health.ok, health.error
+    stats = db.stats()
+    assert (stats.in_use, stats.waiting) == (0, 0), stats
+    assert stats.size <= stats.max
 
 
 class Workload:

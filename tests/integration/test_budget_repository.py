@@ -16,7 +16,7 @@ from dash_storage.core.errors import ConflictError, NotFoundError, ValidationErr
 from dash_storage.core.models import Budget, ConsumeStatus
 from dash_storage.repositories.budgets import BudgetRepository
 from tests.conftest import MakeDatabase
-from tests.factories import make_agent, make_swarm
+from tests.factories import make_agent, make_budget, make_swarm
 
 
 async def ledger(db: Database, budget_id: uuid.UUID) -> tuple[int, int, Decimal]:
@@ -658,3 +658,23 @@ async def test_swarm_without_budget_has_no_percentage(db: Database) -> None:
     summary = await SwarmRepository(db).get_summary(swarm)
     assert summary is not None
     assert (summary.budget_allocated, summary.budget_consumed, summary.budget_percentage) == (0, 0, None)
+
+
+async def test_refused_consume_takes_no_lock_and_writes_nothing(db: Database) -> None:
+    """combine=False: a consume that cannot be granted (no headroom, or a repeated key) neither
+    waits for nor takes the budget's row lock, and leaves the row version as it was."""
+    repo = BudgetRepository(db, combine=False)
+    budget = await make_budget(db, Decimal("0.02"))
+    first = await repo.try_consume(budget, 1, Decimal("0.02"), idempotency_key="spent")
+    assert first.status is ConsumeStatus.GRANTED
+    version = await db.fetchval("SELECT xmin::text FROM budgets WHERE id = $1", budget)
+    async with db.transaction() as holder:
+        await holder.execute("SELECT 1 FROM budgets WHERE id = $1 FOR UPDATE", budget)
+        refused = await asyncio.wait_for(repo.try_consume(budget, 1, Decimal("0.01")), 5)
+        repeat = await asyncio.wait_for(
+            repo.try_consume(budget, 1, Decimal("0.02"), idempotency_key="spent"), 5
+        )
+    assert refused.status is ConsumeStatus.INSUFFICIENT
+    assert repeat.status is ConsumeStatus.DUPLICATE
+    assert await db.fetchval("SELECT xmin::text FROM budgets WHERE id = $1", budget) == version
+    assert await db.fetchval("SELECT count(*) FROM budget_ledger WHERE budget_id = $1", budget) == 1

@@ -25,7 +25,7 @@ from tests.conftest import TEST_DB, MakeDatabase, admin_connect
 from tests.factories import wait_until
 from tests.faults.chaos import capped, sized
 from tests.faults.proxy import FaultProxy, proxy_for
-from tests.faults.workload import Report, Workload, terminate_loop
+from tests.faults.workload import Workload, assert_recovered, terminate_loop
 from tests.reliability import record
 
 pytestmark = pytest.mark.reliability
@@ -40,26 +40,11 @@ async def proxy(settings: Settings) -> AsyncIterator[FaultProxy]:
         yield p
 
 
-async def assert_recovered(db: Database) -> None:
-    """The same pool serves again: health check ok, nothing in use or waiting."""
-    health = await db.health_check()
-    assert health.ok, health.error
-    stats = db.stats()
-    assert (stats.in_use, stats.waiting) == (0, 0), stats
-    assert stats.size <= stats.max
-
-
 def retried(caplog: pytest.LogCaptureFixture) -> str:
     """What the library retried, from its retry warnings (e.g. '12 DatabaseUnavailableError')."""
     found = re.findall(r"failed \((\w+)\), retry", caplog.text)
     counts = {name: found.count(name) for name in sorted(set(found))}
     return ", ".join(f"{n} {name}" for name, n in counts.items()) or "none"
-
-
-def assert_clean(rep: Report) -> None:
-    assert rep.problems == [], rep.problems[:10]
-    assert (rep.lost, rep.duplicated, rep.raw_errors) == (0, 0, 0), rep
-    assert rep.succeeded > 0
 
 
 @pytest.mark.soak
@@ -80,20 +65,13 @@ async def test_workload_while_every_backend_is_terminated_in_a_loop(
         await admin.close()
 
     rep = await work.verify(db)
-    assert_clean(rep)
+    rep.assert_clean()
     assert killed[0] > 0
     await assert_recovered(chaos)
     print(f"\nterminated {killed[0]}; retried {retried(caplog)}; {rep}")
-    record(
-        "connection faults",
+    rep.record(
         "pg_terminate_backend of every pooled backend every 25 ms, 32 tasks",
-        operations=rep.operations,
-        succeeded=rep.succeeded,
-        lost=rep.lost,
-        duplicated=rep.duplicated,
-        raw_errors=rep.raw_errors,
-        notes=f"{killed[0]} backends terminated; retried: {retried(caplog)}; failed: {rep.error_summary()}; "
-        f"{rep.applied_after_error} applied though their answer was lost, {rep.settled} charges re-asked",
+        f"{killed[0]} backends terminated; retried: {retried(caplog)}; {rep.outcome_notes()}",
     )
 
 
@@ -135,8 +113,7 @@ async def test_workload_through_a_faulty_proxy(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="dash_storage.core.retry")
     chaos = await make_database(
-        postgres_host="127.0.0.1",
-        postgres_port=proxy.port,
+        **proxy.overrides,
         postgres_max_pool_size=10,
         postgres_command_timeout=400,
         postgres_connection_timeout=1500,
@@ -151,22 +128,14 @@ async def test_workload_through_a_faulty_proxy(
         await work.run()
 
     rep = await work.verify(db)
-    assert_clean(rep)
+    rep.assert_clean()
     assert proxy.stats.resets > 0
     await assert_recovered(chaos)
     print(f"\nproxy {proxy.stats}; retried {retried(caplog)}; {rep}")
-    record(
-        "connection faults",
+    rep.record(
         "TCP proxy: 1 ms latency, 1% of chunks reset, all connections reset every 300 ms, one 1 s stall; "
         "32 tasks",
-        operations=rep.operations,
-        succeeded=rep.succeeded,
-        lost=rep.lost,
-        duplicated=rep.duplicated,
-        raw_errors=rep.raw_errors,
-        notes=f"{proxy.stats.resets} connections reset; retried: {retried(caplog)}; "
-        f"failed: {rep.error_summary()}; "
-        f"{rep.applied_after_error} applied though their answer was lost, {rep.settled} charges re-asked",
+        f"{proxy.stats.resets} connections reset; retried: {retried(caplog)}; {rep.outcome_notes()}",
     )
 
 
@@ -176,8 +145,7 @@ async def test_stalled_connection_times_out_and_is_never_reused(
     """A half-open connection (the proxy stops forwarding, closes nothing) costs a caller at most
     POSTGRES_COMMAND_TIMEOUT; the connection is discarded; a write is not retried, a read is."""
     stalled = await make_database(
-        postgres_host="127.0.0.1",
-        postgres_port=proxy.port,
+        **proxy.overrides,
         postgres_min_pool_size=1,
         postgres_max_pool_size=1,
         postgres_command_timeout=300,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 from uuid import uuid4 as new_uuid
 
 import asyncpg
@@ -166,15 +167,14 @@ async def test_non_transient_errors_are_not_retried(make_database) -> None:
     assert attempts == [1]
 
 
+def unreachable(settings: Settings, **overrides: Any) -> Database:
+    """A Database pointed at a port where nothing listens."""
+    return Database(settings, postgres_host="127.0.0.1", postgres_port=1, database_url=None, **overrides)
+
+
 async def test_unreachable_server_fails_with_unavailable(settings: Settings) -> None:
-    db = Database(
-        settings,
-        postgres_host="127.0.0.1",
-        postgres_port=1,
-        database_url=None,
-        postgres_retry_attempts=1,
-        postgres_retry_delay=1,
-        postgres_connection_timeout=500,
+    db = unreachable(
+        settings, postgres_retry_attempts=1, postgres_retry_delay=1, postgres_connection_timeout=500
     )
     with pytest.raises(DatabaseUnavailableError) as info:
         await db.initialize()
@@ -210,11 +210,8 @@ async def test_password_absent_from_logs_and_errors(
 ) -> None:
     secret = "Zq9-never-print-me"
     caplog.set_level(logging.DEBUG)
-    db = Database(
+    db = unreachable(
         settings,
-        postgres_host="127.0.0.1",
-        postgres_port=1,
-        database_url=None,
         postgres_password=secret,
         postgres_retry_attempts=2,
         postgres_retry_delay=1,

@@ -25,13 +25,15 @@ from dash_storage.core.database import Connection, Database
 from dash_storage.core.errors import ConflictError, NotFoundError, ValidationError
 from dash_storage.core.ids import new_id
 from dash_storage.core.models import Event
+from dash_storage.repositories import event_ingest
+from dash_storage.repositories.event_copy import FIRST_CHUNK
 from dash_storage.repositories.event_ingest import COPY_MIN_BATCH
 from dash_storage.repositories.events import EventRepository
 from tests import reliability
 from tests.conftest import TEST_DB, MakeDatabase, admin_connect
 from tests.factories import make_agent, make_swarm, wait_until
-from tests.faults.chaos import capped, sized, terminating_connections
-from tests.faults.databases import LostAnswerDatabase
+from tests.faults.chaos import capped, gather_outcomes, sized, terminating_connections
+from tests.faults.databases import LostAnswerDatabase, as_attempt
 
 T = TypeVar("T")
 UTC = dt.UTC
@@ -74,7 +76,9 @@ class Statement(NamedTuple):
 
     @property
     def kind(self) -> str:
-        return self.query.lstrip().split(None, 1)[0].upper()
+        """COPY, or INSERT (also one inside WITH)."""
+        first = self.query.lstrip().split(None, 1)[0].upper()
+        return "INSERT" if first == "WITH" and "INSERT INTO events" in self.query else first
 
 
 @pytest.fixture
@@ -149,6 +153,22 @@ async def stored_events(db: Database, ids: Sequence[uuid.UUID]) -> list[Event]:
     )
     by_id = {r[0]: Event(*r) for r in rows}
     return [by_id[i] for i in ids if i in by_id]
+
+
+async def assert_stored_once(db: Database, created: Sequence[Event], types: list[str]) -> None:
+    """``created`` has the events asked for (``types``, in order), each stored once and as returned."""
+    assert [e.type for e in created] == types
+    assert await db.fetchval("SELECT count(*) FROM events") == len(types)
+    assert_same_events(await stored_events(db, [e.id for e in created]), list(created))
+
+
+async def create_many_on(database: Database, items: list[dict[str, Any]]) -> list[Event]:
+    """``create_many(items)`` through ``database``, initialised for the call and closed after it."""
+    await database.initialize()
+    try:
+        return await EventRepository(database).create_many(items)
+    finally:
+        await database.close()
 
 
 # -- create_many: COPY for large batches ------------------------------------------------------------
@@ -249,20 +269,67 @@ async def test_copy_path_after_a_lost_answer_stores_once_and_returns_the_stored_
 ) -> None:
     swarm = await make_swarm(db)
     lossy = LostAnswerDatabase(settings)
-    await lossy.initialize()
-    try:
-        items = [{"swarm_id": swarm, "type": f"e{i}", "payload": {"i": i}} for i in range(300)]
-        created = await EventRepository(lossy).create_many(items)
-    finally:
-        await lossy.close()
+    items = [{"swarm_id": swarm, "type": f"e{i}", "payload": {"i": i}} for i in range(300)]
+    created = await create_many_on(lossy, items)
     assert lossy.replays == 1
-    assert [e.type for e in created] == [f"e{i}" for i in range(300)]
-    assert await db.fetchval("SELECT count(*) FROM events") == 300
-    assert_same_events(await stored_events(db, [e.id for e in created]), created)
+    await assert_stored_once(db, created, [f"e{i}" for i in range(300)])
     # The retry found every event written and wrote nothing; the timestamps are the first attempt's.
     log = await statements()
     assert [(s.kind, s.rows) for s in log] == [("COPY", 300)]
     assert {e.timestamp for e in created} == {log[0].tx_now}
+
+
+async def test_insert_path_after_a_lost_answer_stores_once_and_returns_the_stored_events(
+    db: Database, settings: Settings, statements: Callable[[], Awaitable[list[Statement]]]
+) -> None:
+    swarm = await make_swarm(db)
+    lossy = LostAnswerDatabase(settings)
+    await lossy.initialize()
+    n = COPY_MIN_BATCH - 1
+    try:
+        items = [{"swarm_id": swarm, "type": f"e{i}", "payload": {"i": i}} for i in range(n)]
+        created = await EventRepository(lossy).create_many(items)
+    finally:
+        await lossy.close()
+    assert lossy.replays == 1
+    assert [e.type for e in created] == [f"e{i}" for i in range(n)]
+    assert await db.fetchval("SELECT count(*) FROM events") == n
+    assert_same_events(await stored_events(db, [e.id for e in created]), created)
+    # The retry found every event written (its INSERT wrote none); the timestamps are the first's.
+    log = await statements()
+    assert [(s.kind, s.rows) for s in log] == [("INSERT", n), ("INSERT", 0)]
+    assert {e.timestamp for e in created} == {log[0].tx_now}
+
+
+async def test_ids_generated_during_a_failed_copy_are_those_the_retry_sends(
+    db: Database, monkeypatch: pytest.MonkeyPatch, statements: Callable[[], Awaitable[list[Statement]]]
+) -> None:
+    """Ids not given are generated as the COPY data is encoded; the connection breaking after the
+    first piece was sent leaves the rest without one. The retry sends the same ids for the rows
+    already sent, new ones for the others, and stores every event once."""
+    swarm = await make_swarm(db)
+    sent: list[list[uuid.UUID]] = []
+    real_chunk = event_ingest.copy_chunk
+
+    def breaking_chunk(rows: Sequence[Any], payloads: Any, now: Any, start: int, end: int) -> bytes:
+        if len(sent) == 1 and start > 0:  # the second piece of the first attempt
+            sent.append([])
+            raise ConnectionResetError("the connection broke during the COPY")
+        if start == 0:
+            sent.append([r[0] for r in rows[start:end]])
+        return real_chunk(rows, payloads, now, start, end)
+
+    monkeypatch.setattr(event_ingest, "copy_chunk", breaking_chunk)
+    n = 3 * FIRST_CHUNK
+    created = await EventRepository(db).create_many([{"swarm_id": swarm, "type": f"e{i}"} for i in range(n)])
+    first_attempt, _, retry = sent
+    assert len(first_attempt) == FIRST_CHUNK and None not in first_attempt
+    assert retry == first_attempt  # the same ids, sent again
+    assert [e.id for e in created][:FIRST_CHUNK] == first_attempt
+    assert [e.type for e in created] == [f"e{i}" for i in range(n)]
+    assert tuple(await db.fetchrow("SELECT count(*), count(DISTINCT id) FROM events") or ()) == (n, n)
+    assert_same_events(await stored_events(db, [e.id for e in created]), created)
+    assert [(s.kind, s.rows) for s in await statements()] == [("COPY", n)]
 
 
 class PartlyLostDatabase(Database):
@@ -272,27 +339,20 @@ class PartlyLostDatabase(Database):
     async def run(
         self, fn: Callable[[Connection, int], Awaitable[T]], *, retry: bool = False, transaction: bool = False
     ) -> T:
-        first = await super().run(lambda con, _: fn(con, 1), transaction=transaction)
+        first = await super().run(as_attempt(fn, 1), transaction=transaction)
         assert isinstance(first, list)
         doomed = [e.id for e in first[::2]]
         await self.execute("DELETE FROM events WHERE id = ANY($1::uuid[])", doomed)
-        return await super().run(lambda con, _: fn(con, 2), transaction=transaction)
+        return await super().run(as_attempt(fn, 2), transaction=transaction)
 
 
 async def test_copy_retry_writes_only_the_missing_events(
     db: Database, settings: Settings, statements: Callable[[], Awaitable[list[Statement]]]
 ) -> None:
     swarm = await make_swarm(db)
-    partly = PartlyLostDatabase(settings)
-    await partly.initialize()
-    try:
-        items = [{"swarm_id": swarm, "type": f"e{i}"} for i in range(200)]
-        created = await EventRepository(partly).create_many(items)
-    finally:
-        await partly.close()
-    assert [e.type for e in created] == [f"e{i}" for i in range(200)]
-    assert await db.fetchval("SELECT count(*) FROM events") == 200
-    assert_same_events(await stored_events(db, [e.id for e in created]), created)
+    items = [{"swarm_id": swarm, "type": f"e{i}"} for i in range(200)]
+    created = await create_many_on(PartlyLostDatabase(settings), items)
+    await assert_stored_once(db, created, [f"e{i}" for i in range(200)])
     log = await statements()
     assert [(s.kind, s.rows) for s in log] == [("COPY", 200), ("COPY", 100)]
     # The kept half has the first transaction's clock, the rewritten half the retry's.
@@ -452,9 +512,7 @@ async def test_writer_retries_a_lost_answer_without_duplicates(db: Database, set
     finally:
         await lossy.close()
     assert lossy.replays >= 1
-    assert [e.type for e in created] == [f"t{i}" for i in range(150)]
-    assert await db.fetchval("SELECT count(*) FROM events") == 150
-    assert_same_events(await stored_events(db, [e.id for e in created]), list(created))
+    await assert_stored_once(db, created, [f"t{i}" for i in range(150)])
 
 
 KILLS = sized(300, 3000)  # connections the server terminates while the writer works
@@ -521,3 +579,41 @@ async def test_writer_under_a_connection_kill_loop_stores_each_acknowledged_even
         raw_errors=sum(not isinstance(e, DashStorageError) for e in errors),
         notes=f"{killed[0]} connections terminated; a raised create may still be stored (lost answer)",
     )
+
+
+COPY_BATCHES = sized(40, 400)
+
+
+@pytest.mark.soak
+async def test_copy_batches_with_generated_ids_under_a_connection_kill_loop_are_stored_once(
+    db: Database, settings: Settings, make_database: MakeDatabase
+) -> None:
+    """create_many through COPY, ids left to the library (generated while the data is encoded),
+    while the server terminates connections: a batch is stored whole or not at all, once."""
+    swarm = await make_swarm(db)
+    chaos = capped(await make_database(postgres_retry_attempts=10, postgres_retry_delay=20))
+    repo = EventRepository(chaos)
+    size = 2 * COPY_MIN_BATCH + 7
+
+    def job(n: int) -> Callable[[], Awaitable[list[Event]]]:
+        return lambda: repo.create_many([{"swarm_id": swarm, "type": f"batch-{n}"} for _ in range(size)])
+
+    async with terminating_connections(settings, interval=KILL_EVERY, calm=CALM) as killed:
+        outcomes = await gather_outcomes([job(n) for n in range(COPY_BATCHES)], workers=4)
+
+    rows = await db.fetch("SELECT type, count(*), count(DISTINCT id) FROM events GROUP BY type")
+    stored = {r[0]: (r[1], r[2]) for r in rows}
+    returned = raised = 0
+    for n, outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            assert isinstance(outcome, DashStorageError), repr(outcome)
+            assert stored.get(f"batch-{n}", (0, 0)) in ((0, 0), (size, size))  # whole or nothing
+            raised += 1
+        else:
+            returned += 1
+            assert stored[f"batch-{n}"] == (size, size)
+            assert [e.type for e in outcome] == [f"batch-{n}"] * size
+            assert_same_events(await stored_events(db, [e.id for e in outcome]), outcome)
+    assert killed[0] > 0 and returned
+    assert all(total == distinct for total, distinct in stored.values())
+    print(f"\n{killed[0]} terminated; {returned} batches returned, {raised} raised")

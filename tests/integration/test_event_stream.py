@@ -34,6 +34,7 @@ class Boom(Exception):
     pass
 
 
+@pytest.mark.soak
 async def test_every_committed_event_reaches_every_follower_exactly_once(
     db: Database, make_database: Callable[..., Awaitable[Database]]
 ) -> None:
@@ -324,3 +325,13 @@ async def test_paging_never_repeats_and_never_skips_what_was_committed_before(db
         await writing
     assert len(seen) == len(set(seen)), "a row was repeated"
     assert before <= set(seen), "a row committed before paging began was skipped"
+
+
+async def test_a_cursor_from_another_database_history_is_refused(db: Database) -> None:
+    from dash_storage.core.errors import DashStorageError
+    from dash_storage.stream.position import Position, encode
+
+    ahead = encode(Position(2**62, 1))  # far beyond any transaction this server has had
+    async with Follower(db, after=ahead, listen=False) as stream:
+        with pytest.raises(DashStorageError, match="another database history"):
+            await stream.read_page()

@@ -479,20 +479,22 @@ def M(name: str, *specs: str, read_only: bool = False) -> Method:
     return Method(name, tuple(P(s) for s in specs), read_only)
 
 
+def LIST(order: str, *filters: str) -> Method:
+    """A repository's ``list``: its filters, then a page in the order kind ``order``."""
+    page = ("limit:limit?", "offset:offset?", f"order_by:{order}?", "order_direction:direction?")
+    return M("list", *filters, *page, read_only=True)
+
+
+def LIST_COUNT(order: str, *filters: str) -> tuple[Method, Method]:
+    """``list`` (see ``LIST``) and ``count``, which takes the same filters."""
+    return LIST(order, *filters), M("count", *filters, read_only=True)
+
+
 SWARM_METHODS = (
     M("create", "name:name", "config:opt_json_object?", "status:swarm_status?", "id:new_id?"),
     M("find_by_id", "id:swarm_id", read_only=True),
     M("find_by_name", "name:name", read_only=True),
-    M(
-        "list",
-        "status:opt_swarm_status?",
-        "limit:limit?",
-        "offset:offset?",
-        "order_by:swarm_order?",
-        "order_direction:direction?",
-        read_only=True,
-    ),
-    M("count", "status:opt_swarm_status?", read_only=True),
+    *LIST_COUNT("swarm_order", "status:opt_swarm_status?"),
     M("exists", "id:swarm_id", read_only=True),
     M(
         "update",
@@ -529,17 +531,7 @@ AGENT_METHODS = (
     ),
     M("find_by_id", "id:agent_id", read_only=True),
     M("find_by_swarm_id", "swarm_id:swarm_id", "limit:limit?", "offset:offset?", read_only=True),
-    M(
-        "list",
-        *AGENT_FILTERS,
-        "model:opt_text?",
-        "limit:limit?",
-        "offset:offset?",
-        "order_by:agent_order?",
-        "order_direction:direction?",
-        read_only=True,
-    ),
-    M("count", *AGENT_FILTERS, "model:opt_text?", read_only=True),
+    *LIST_COUNT("agent_order", *AGENT_FILTERS, "model:opt_text?"),
     M("get_counts_by_status", "swarm_id:opt_swarm_id?", read_only=True),
     M(
         "update",
@@ -633,16 +625,7 @@ SESSION_METHODS = (
         "id:new_id?",
     ),
     M("find_by_id", "id:session_id", read_only=True),
-    M(
-        "list",
-        "include_expired:bool?",
-        "limit:limit?",
-        "offset:offset?",
-        "order_by:session_order?",
-        "order_direction:direction?",
-        read_only=True,
-    ),
-    M("count", "include_expired:bool?", read_only=True),
+    *LIST_COUNT("session_order", "include_expired:bool?"),
     M("exists", "id:session_id", read_only=True),
     M(
         "update",
@@ -674,16 +657,7 @@ BUDGET_METHODS = (
     M("find_by_id", "id:budget_id", read_only=True),
     M("find_by_scope", "scope_type:scope_type", "scope_id:scope_id", read_only=True),
     M("find_by_swarm_id", "swarm_id:swarm_id", "limit:limit?", read_only=True),
-    M(
-        "list",
-        "scope_type:opt_scope_type?",
-        "swarm_id:opt_swarm_id?",
-        "limit:limit?",
-        "offset:offset?",
-        "order_by:budget_order?",
-        "order_direction:direction?",
-        read_only=True,
-    ),
+    LIST("budget_order", "scope_type:opt_scope_type?", "swarm_id:opt_swarm_id?"),
     M("update", "id:budget_id", "allocated:money?", "currency:currency?", "max_tokens:opt_tokens?"),
     M("delete", "id:budget_id"),
     M("try_consume", *CONSUME),

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import sys
 import textwrap
 import uuid
@@ -26,11 +27,13 @@ import asyncpg
 import pytest
 
 from bench import queries as bench_queries
+from bench.common import scratch_database
 from dash_storage.core.config import Settings
 from dash_storage.core.database import Database
 from dash_storage.core.errors import ConflictError, DashStorageError, DatabaseUnavailableError
 from dash_storage.core.ids import new_id
 from dash_storage.core.models import ConsumeResult, ConsumeStatus
+from dash_storage.repositories import budget_batcher as bb
 from dash_storage.repositories.budget_batcher import CONSUME_BATCH, MAX_BATCH, combiner_for
 from dash_storage.repositories.budgets import BudgetRepository
 from tests.conftest import TEST_DB, MakeDatabase, admin_connect
@@ -613,31 +616,102 @@ async def test_connection_kills_during_combined_batches_keep_ledger_counters_and
 # -- the plan ----------------------------------------------------------------------------------------
 
 
-async def test_batch_statement_looks_keys_up_by_index_on_a_long_ledger(db: Database) -> None:
-    budget = await make_budget(db, Decimal("1e9"))
-    await db.execute(
-        "INSERT INTO budget_ledger (budget_id, tokens, cost, idempotency_key) "
-        "SELECT $1, 1, 0.01, 'old-' || g FROM generate_series(1, 20000) AS g",
-        budget,
+def _ledger_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """The nodes of an EXPLAIN (FORMAT JSON) plan that read budget_ledger or call a function."""
+    stack, found = [plan["Plan"]], []
+    while stack:
+        node = stack.pop()
+        stack.extend(node.get("Plans", []))
+        if node.get("Relation Name") == "budget_ledger" or node["Node Type"] == "Function Scan":
+            found.append(node)
+    return found
+
+
+async def _ledger_scans(con: Any) -> tuple[int, int, int]:
+    """(sequential scans, index scans, rows read) of budget_ledger by this connection's open
+    transaction."""
+    row = await con.fetchrow(
+        "SELECT seq_scan, COALESCE(idx_scan, 0), seq_tup_read + COALESCE(idx_tup_fetch, 0) "
+        "FROM pg_stat_xact_user_tables WHERE relname = 'budget_ledger'"
     )
-    await db.execute("ANALYZE budget_ledger")
-    keys = ["old-7", "new-1", "new-2"]
-    args = (str(budget), ["1"] * 3, ["0.01"] * 3, keys, [str(uuid.uuid4()) for _ in keys])
-    async with db.acquire() as con:
-        plans, _, _ = await bench_queries.prepared_plans(con, CONSUME_BATCH, args, 8)
-    for p in (plans[0], plans[-1]):
-        stack = [p["Plan"]]
-        ledger_scans = []
-        while stack:
-            node = stack.pop()
-            stack.extend(node.get("Plans", []))
-            if node.get("Relation Name") == "budget_ledger" and "Scan" in node["Node Type"]:
-                ledger_scans.append(node)
-        assert ledger_scans
-        for node in ledger_scans:
-            assert node["Node Type"] in ("Index Scan", "Index Only Scan"), node
-            assert node["Index Name"] == "budget_ledger_idempotency_unique"
-            assert "idempotency_key" in node["Index Cond"], node["Index Cond"]
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+async def _lookup_plan(con: Any) -> dict[str, Any]:
+    """The generic plan of dash_ledger_entries' query, planned with the function's own settings."""
+    body, config = await con.fetchrow(
+        "SELECT prosrc, proconfig FROM pg_proc WHERE proname = 'dash_ledger_entries'"
+    )
+    query = body.split("RETURN QUERY", 1)[1].rsplit(";", 1)[0]
+    query = re.sub(r"\bbudget\b", "$1::uuid", re.sub(r"\bkeys\b", "$2::text[]", query))
+    for setting in config:
+        name, value = setting.split("=", 1)
+        await con.execute(f"SET {name} = {value}")
+    try:
+        plans, generic, _ = await bench_queries.prepared_plans(con, query, (uuid.uuid4(), ["a", "b"]), 2)
+    finally:
+        await con.execute("RESET ALL")
+    assert generic
+    return plans[-1]
+
+
+async def test_ledger_lookups_use_the_index_from_an_empty_analysed_ledger() -> None:
+    """On a fresh database whose ledger is empty and analysed, the generic plans of the consume
+    statements (what a pooled connection keeps while the ledger grows) never scan the ledger
+    sequentially: the idempotency look-up goes through the unique index by construction."""
+    async with scratch_database(f"{TEST_DB}_ledger_plan") as sdb:
+        budget = await make_budget(sdb, Decimal("1e9"))
+        await sdb.execute("ANALYZE budget_ledger")
+        keys = ["bulk-7", "new-1", "new-2"]
+        statements: list[tuple[str, tuple[Any, ...]]] = [
+            (bb.CONSUME, (budget, 1, Decimal("0.01"), "new-3", new_id())),
+            (CONSUME_BATCH, (str(budget), ["1"] * 3, ["0.01"] * 3, keys, [str(new_id()) for _ in keys])),
+            (bb.SELECT_LEDGER_BY_KEY, (budget, "bulk-9")),
+            (bb.SELECT_LEDGER_BY_KEYS, (budget, keys)),
+        ]
+        async with sdb.acquire() as con:
+            await con.execute("SET plan_cache_mode = force_generic_plan")
+            for sql, args in statements:
+                plans, generic, _ = await bench_queries.prepared_plans(con, sql, args, 2)
+                assert generic, "not planned generically"
+                nodes = _ledger_nodes(plans[-1])
+                assert any(n.get("Function Name") == "dash_ledger_entries" for n in nodes), sql
+                for node in nodes:  # nothing else reads the ledger but its INSERT
+                    assert node["Node Type"] in ("Function Scan", "ModifyTable"), node
+            tx = con.transaction()
+            await tx.start()
+            try:
+                for sql, args in statements:  # plans cached on this connection while it is empty
+                    for _ in range(6):
+                        await con.fetch(sql, *args)
+                await con.execute(
+                    "INSERT INTO budget_ledger (budget_id, tokens, cost, idempotency_key) "
+                    "SELECT $1, 1, 0.01, 'bulk-' || g FROM generate_series(1, 50000) AS g "
+                    "ON CONFLICT DO NOTHING",
+                    budget,
+                )
+                seq, idx, read = await _ledger_scans(con)
+                for sql, args in statements:
+                    for _ in range(3):
+                        await con.fetch(sql, *args)
+                seq_after, idx_after, read_after = await _ledger_scans(con)
+            finally:
+                await tx.rollback()
+            # The look-up itself, generically planned: one descent per key, both columns bound.
+            stack, scans = [(await _lookup_plan(con))["Plan"]], []
+            while stack:
+                node = stack.pop()
+                stack.extend(node.get("Plans", []))
+                if node.get("Relation Name") == "budget_ledger":
+                    scans.append(node)
+        assert seq_after == seq, "a consume statement scanned the ledger sequentially"
+        assert idx_after > idx
+        assert read_after - read < 100, "a consume statement read many ledger rows"
+        assert scans
+        for node in scans:
+            assert node["Node Type"] in ("Index Scan", "Index Only Scan", "Bitmap Heap Scan"), node
+            cond = node.get("Index Cond") or node.get("Recheck Cond") or ""
+            assert "budget_id" in cond and "idempotency_key" in cond, node
 
 
 @pytest.mark.parametrize("size", [2, 50, MAX_BATCH])

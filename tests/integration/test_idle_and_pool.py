@@ -30,10 +30,18 @@ from dash_storage.core.errors import (
 )
 from dash_storage.repositories.agents import AgentRepository
 from dash_storage.repositories.events import EventRepository
-from tests.conftest import TEST_DB, MakeDatabase, admin_connect, drop_database, migrate, recreate_database
+from tests.conftest import (
+    TEST_DB,
+    MakeDatabase,
+    admin_connect,
+    admin_execute,
+    drop_database,
+    migrate,
+    recreate_database,
+)
 from tests.factories import make_agent, make_swarm, wait_until
 from tests.faults.proxy import proxy_for
-from tests.reliability import record
+from tests.reliability import record, record_counts
 
 pytestmark = pytest.mark.reliability
 
@@ -69,8 +77,12 @@ class Tally:
         return result
 
     @property
-    def raw(self) -> int:
+    def raw_errors(self) -> int:
         return sum(1 for e in self.errors if not isinstance(e, DashStorageError))
+
+    def record(self, fault: str, notes: str) -> None:
+        """These counts as an "idle gaps" row of RELIABILITY.md."""
+        record_counts("idle gaps", fault, self, notes)
 
 
 # -- idle gaps --------------------------------------------------------------------------------------
@@ -86,12 +98,7 @@ async def idle_db(settings: Settings) -> AsyncIterator[str]:
             await migrate(scratch)
         finally:
             await scratch.close()
-        admin = await admin_connect(settings)
-        try:
-            ident = await admin.fetchval("SELECT quote_ident($1)", IDLE_DB)
-            await admin.execute(f"ALTER DATABASE {ident} SET idle_session_timeout = '500ms'")
-        finally:
-            await admin.close()
+        await admin_execute(settings, "ALTER DATABASE {db} SET idle_session_timeout = '500ms'", db=IDLE_DB)
         yield IDLE_DB
     finally:
         await drop_database(settings, IDLE_DB)
@@ -128,13 +135,9 @@ async def test_connections_ended_by_idle_session_timeout_are_replaced_unseen(
     assert stored is not None and stored.retry_count == 4 * rounds  # each exactly once
     assert await EventRepository(d).count(swarm_id=swarm) == rounds
     assert d.stats().in_use == 0
-    record(
-        "idle gaps",
+    tally.record(
         "idle_session_timeout = 500 ms ends every pooled session, then read + increment_retry + create",
-        operations=tally.operations,
-        succeeded=tally.succeeded,
-        raw_errors=tally.raw,
-        notes=f"{ended} idle sessions ended by the server over {rounds} rounds; no caller saw an error; "
+        f"{ended} idle sessions ended by the server over {rounds} rounds; no caller saw an error; "
         "retry_count exact (never-retried write applied once)",
     )
 
@@ -149,8 +152,7 @@ async def test_statement_sent_as_the_server_ends_the_idle_session_is_replayed(
     async with proxy_for(settings) as proxy:
         d = await make_database(
             postgres_db=idle_db,
-            postgres_host="127.0.0.1",
-            postgres_port=proxy.port,
+            **proxy.overrides,
             postgres_min_pool_size=1,
             postgres_max_pool_size=1,
             postgres_retry_attempts=0,
@@ -228,13 +230,9 @@ async def test_connections_terminated_while_idle_are_replaced_unseen(
     stored = await AgentRepository(db).find_by_id(agent)
     assert stored is not None and stored.retry_count == 2 * rounds
     assert d.stats().in_use == 0
-    record(
-        "idle gaps",
+    tally.record(
         "pg_terminate_backend of every idle pooled connection, then increment_retry x2 + read + transaction",
-        operations=tally.operations,
-        succeeded=tally.succeeded,
-        raw_errors=tally.raw,
-        notes=f"{killed} idle connections terminated over {rounds} rounds; no caller saw an error",
+        f"{killed} idle connections terminated over {rounds} rounds; no caller saw an error",
     )
 
 
@@ -245,8 +243,7 @@ async def test_goodbye_without_end_of_file_is_replaced_unseen(
     open, yet cannot start a statement. Nothing was sent on it, so every API replaces it."""
     async with proxy_for(settings) as proxy:
         d = await make_database(
-            postgres_host="127.0.0.1",
-            postgres_port=proxy.port,
+            **proxy.overrides,
             postgres_min_pool_size=3,
             postgres_max_pool_size=3,
             postgres_retry_attempts=0,  # no retry: what succeeds here succeeded by replacement
@@ -312,13 +309,9 @@ async def test_goodbye_without_end_of_file_is_replaced_unseen(
         stored = await AgentRepository(db).find_by_id(agent)
         assert stored is not None and (stored.retry_count, stored.runtime) == (1, 111)
         assert d.stats().in_use == 0
-    record(
-        "idle gaps",
+    tally.record(
         "server goodbye (FATAL) on idle connections, socket held open by a proxy: looks alive, is dead",
-        operations=tally.operations,
-        succeeded=tally.succeeded,
-        raw_errors=tally.raw,
-        notes=f"{broken} dead-but-open connections; increment_retry, run(), transaction() and a read "
+        f"{broken} dead-but-open connections; increment_retry, run(), transaction() and a read "
         "each replaced them with retries off; writes applied exactly once; a run() that had already "
         "written was not re-run (DatabaseUnavailableError)",
     )

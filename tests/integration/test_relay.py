@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from dash_storage import EventRepository
 from dash_storage.core.database import Database
 from dash_storage.core.errors import ValidationError
-from dash_storage.stream import Relay, load_cursor, save_cursor
+from dash_storage.stream import Relay, RelayError, load_cursor, save_cursor
 from dash_storage.stream.position import encode
 from tests.factories import make_swarm
 from tests.redis_server import RedisServer
@@ -164,3 +164,27 @@ def test_bad_relay_settings_are_named(db: Database) -> None:
         Relay(db, "redis://127.0.0.1:1/0", prefix="has space")
     with pytest.raises(ValidationError, match="maxlen"):
         Relay(db, "redis://127.0.0.1:1/0", maxlen=-1)
+
+
+async def test_once_gives_up_on_a_redis_that_stays_away(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dash_storage.stream import relay as relay_module
+
+    swarm = await make_swarm(db, "unrelayed")
+    await EventRepository(db).create(swarm, "t")
+    monkeypatch.setattr(relay_module, "ONCE_PATIENCE", 0.5)
+    with pytest.raises(RelayError, match="unavailable"):
+        await Relay(db, "redis://127.0.0.1:1/0").run(once=True)
+    assert await load_cursor(db, "relay:redis") is None  # nothing was saved: nothing was relayed
+
+
+async def test_a_stream_with_entries_the_relay_did_not_write_is_refused_not_skipped(
+    db: Database, redis_server: RedisServer, rclient: aioredis.Redis
+) -> None:
+    swarm = await make_swarm(db, "foreign")
+    await EventRepository(db).create_many([{"swarm_id": swarm, "type": "t"} for _ in range(5)])
+    await rclient.xadd("dash:events", {"x": "1"}, id="99999999999-0")  # someone else's entry
+    with pytest.raises(RelayError, match="did not write"):
+        await Relay(db, redis_server.url).run(once=True)
+    assert await load_cursor(db, "relay:redis") is None  # nothing counted as relayed

@@ -12,7 +12,14 @@ import pytest
 
 from dash_storage.core.ids import new_id
 from dash_storage.core.models import Event
-from dash_storage.repositories.event_copy import COPY_COLUMNS, copy_data
+from dash_storage.repositories.event_copy import (
+    COPY_COLUMNS,
+    FIRST_CHUNK,
+    MAX_CHUNK,
+    chunk_ranges,
+    copy_chunk,
+    copy_data,
+)
 from dash_storage.repositories.event_input import EventRow, prepare_event
 
 UTC = dt.UTC
@@ -121,3 +128,44 @@ def test_the_payload_is_the_json_text_given() -> None:
 
 def test_no_rows_is_a_header_and_a_trailer() -> None:
     assert decode(copy_data([], [], None)) == []
+
+
+@pytest.mark.parametrize("n", [0, 1, FIRST_CHUNK, FIRST_CHUNK + 1, 1000, 3 * MAX_CHUNK + 7])
+def test_the_chunks_join_to_the_data(n: int) -> None:
+    events = [prepared(payload={"i": i}, correlation_id=str(i) if i % 2 else None) for i in range(n)]
+    rows, payloads = [e[0] for e in events], [e[1] for e in events]
+    now = dt.datetime.now(UTC)
+    chunks = [copy_chunk(rows, payloads, now, start, end) for start, end in chunk_ranges(n)]
+    assert b"".join(chunks) == copy_data(rows, payloads, now)
+    # A small first piece (the server starts inserting at once), then pieces twice as big as the
+    # one before, up to MAX_CHUNK rows.
+    header, trailer = SIGNATURE + bytes(8), b"\xff\xff"
+    counted = [
+        len(decode((b"" if i == 0 else header) + chunk + (b"" if i == len(chunks) - 1 else trailer)))
+        for i, chunk in enumerate(chunks)
+    ]
+    expected, size, left = [], FIRST_CHUNK, n
+    while True:
+        expected.append(min(size, left))
+        left -= expected[-1]
+        if not left:
+            break
+        size = min(2 * size, MAX_CHUNK)
+    assert counted == expected
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"correlation_id": "only-this"},
+        {"parent_event_id": new_id()},
+        {"timestamp": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)},
+        {"agent_id": new_id(), "type": "ünï-type", "severity": "debug", "entity_type": "task"},
+    ],
+)
+def test_each_optional_field_alone_round_trips(fields: dict[str, Any]) -> None:
+    now = dt.datetime(2026, 12, 1, tzinfo=UTC)
+    events = [prepared(**fields), prepared(), prepared(**fields)]  # rows of both shapes, mixed
+    rows = decode(copy_data([e[0] for e in events], [e[1] for e in events], now))
+    for (row, _), fields_read in zip(events, rows, strict=True):
+        assert as_event(fields_read) == Event(*row[:5], row[5] or now, *row[6:])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import inspect
 import uuid
+from collections import OrderedDict
+from enum import IntEnum
 from typing import Any
 
 import pytest
@@ -19,9 +21,13 @@ from dash_storage.repositories.event_input import (
     REQUIRED,
     EventFields,
     EventInput,
+    _check_event,
+    _fast_event,
     check_batch,
     check_event,
+    dump_payload,
     payload_json,
+    prepare_batch,
     prepare_event,
 )
 
@@ -176,3 +182,125 @@ def test_prepare_serialises_the_validated_payload() -> None:
     assert payload == b'\x01["a",1]'  # jsonb's binary form: version 1, then the JSON text
     assert payload_json(payload) == b'["a",1]'
     assert row[4] == ("a", 1)
+
+
+# -- the fast path -----------------------------------------------------------------------------------
+
+
+class Level(IntEnum):
+    HIGH = 2
+
+
+class Text(str):
+    pass
+
+
+class Id(uuid.UUID):
+    pass
+
+
+NESTED_64: Any = []
+for _ in range(64):
+    NESTED_64 = [NESTED_64]
+
+
+def _event(**fields: Any) -> dict[str, Any]:
+    return {"swarm_id": SWARM, "type": "agent.step", "id": new_id(), **fields}
+
+
+#: Valid events: the fast path takes the first ones, declines the rest (``check_event`` takes them).
+FAST: list[dict[str, Any]] = [
+    _event(),
+    _event(payload={"step": 1, "tokens": 120, "model": "kimi-k2.5", "note": "réponse reçue"}),
+    _event(
+        swarm_id=str(SWARM),
+        agent_id=str(new_id()),
+        parent_event_id=new_id(),
+        payload={"a": [1, 2.5, None, True, {"b": ("c", -0.0)}], "big": 2**63 - 1, "low": -(2**63 - 1)},
+        timestamp=dt.datetime(2026, 1, 1, tzinfo=UTC),
+        correlation_id="",
+        entity_type="task",
+        severity="critical",
+    ),
+    _event(payload="a string"),
+    _event(payload=0),
+    _event(payload=False),
+    _event(payload=1.5),
+    _event(payload=[]),
+]
+SLOW: list[dict[str, Any]] = [
+    _event(payload={"text": "a backslash then u0000: \\u0000"}),  # serialised, it looks like a NUL
+    _event(type="étape"),
+    _event(correlation_id="run-é"),
+    _event(timestamp=dt.datetime(2026, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=2)))),
+    _event(payload=OrderedDict(a=1)),
+    _event(payload={"deep": NESTED_64[0]}),
+    _event(payload=NESTED_64),
+    _event(payload="x" * (3 * 1024 * 1024)),
+    _event(payload={"level": Level.HIGH}),
+    _event(type=Text("agent.step")),
+    _event(swarm_id=Id(str(SWARM))),
+]
+
+
+@pytest.mark.parametrize("event", FAST + SLOW, ids=range(len(FAST + SLOW)))
+def test_the_fast_path_gives_what_the_full_checks_give(event: dict[str, Any]) -> None:
+    slow_row = _check_event(event, "", True)
+    slow = (slow_row, dump_payload(slow_row[4], "payload"))
+    fast = _fast_event(event, True)
+    assert (fast is not None) == any(event is e for e in FAST)
+    if fast is not None:
+        assert fast == slow
+        assert [type(v) for v in fast[0]] == [type(v) for v in slow[0]]
+    assert prepare_event(event) == slow
+    assert check_event(event) == slow_row
+    assert prepare_batch([event]) == ([slow_row], [slow[1]])
+
+
+HOSTILE: list[tuple[str, Any]] = [
+    ("payload", {"a": [1, float("nan")]}),
+    ("payload", {"a": {"b": float("-inf")}}),
+    ("payload", float("inf")),
+    ("payload", {"a": 2**63}),
+    ("payload", [-(2**63)]),
+    ("payload", 2**64),
+    ("payload", {"a": ["nul\x00"]}),
+    ("payload", {"nul\x00key": 1}),
+    ("payload", {"a": ["lone \ud800"]}),
+    ("payload", {"lone \udfff": 1}),
+    ("payload", {1: "x"}),
+    ("payload", {"a": [new_id()]}),
+    ("payload", {"a": {1, 2}}),
+    ("payload", [NESTED_64]),
+    ("payload", {"deep": NESTED_64}),
+    ("type", "   "),
+    ("type", "t" * 256),
+    ("type", "nul\x00"),
+    ("type", "lone \ud800"),
+    ("correlation_id", "c" * 256),
+    ("correlation_id", "lone \ud800"),
+    ("entity_type", "robot"),
+    ("severity", 1),
+    ("swarm_id", "not-a-uuid"),
+    ("swarm_id", "1" * 65),
+    ("id", 1.5),
+    ("agent_id", b"\x00" * 16),
+    ("parent_event_id", "nope"),
+    ("timestamp", dt.datetime(2026, 1, 1)),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), HOSTILE, ids=[f"{f}={v!r:.40}" for f, v in HOSTILE])
+def test_the_fast_path_refuses_nothing_itself(field: str, value: Any) -> None:
+    """Bad values are never taken by the fast path; the full checks name the field, on every path."""
+    event = _event(**{field: value})
+    assert _fast_event(event, True) is None
+    with pytest.raises(ValidationError) as caught:
+        prepare_event(event)
+    assert caught.value.field == field
+    with pytest.raises(ValidationError) as caught:
+        check_event(event)
+    assert caught.value.field == field
+    with pytest.raises(ValidationError) as caught:
+        prepare_batch([_event(), event])
+    assert caught.value.field == f"events[1].{field}"

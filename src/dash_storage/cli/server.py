@@ -140,8 +140,9 @@ def _print_stream(st: dict[str, Any]) -> None:
     if oldest is None:
         console.print("stream: no open transaction holds followers back", highlight=False)
     else:
+        who = f"pid {oldest['pid']}, " if oldest["pid"] is not None else ""
         console.print(
-            f"stream: oldest open transaction {oldest['age_s']:.1f} s old (pid {oldest['pid']}, "
+            f"stream: oldest open transaction {oldest['age_s']:.1f} s old ({who}"
             f"{oldest['application'] or '-'} on {oldest['database']}, {oldest['state']}); "
             "followers wait for it",
             highlight=False,

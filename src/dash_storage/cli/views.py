@@ -54,7 +54,11 @@ def _uuid(value: str | None, option: str) -> uuid.UUID | None:
         raise usage_error(option, f"not a UUID: {value!r}") from None
 
 
-def _show(rows: Sequence[Any], columns: Sequence[str], title: str, json_out: bool) -> None:
+def _list(
+    fn: Callable[[Database], Awaitable[Sequence[Any]]], columns: Sequence[str], title: str, json_out: bool
+) -> None:
+    """Print what ``fn`` reads: a table of ``columns``, or JSON."""
+    rows = _query(fn)
     if json_out:
         print_json([r._asdict() if hasattr(r, "_asdict") else asdict(r) for r in rows])
         return
@@ -83,9 +87,8 @@ def swarms(
     json_out: JsonOpt = False,
 ) -> None:
     """List swarms with their agent counts and budget (the swarm_summary view)."""
-    rows = _query(lambda db: SwarmRepository(db).list_summaries(status=status, limit=limit))
-    _show(
-        rows,
+    _list(
+        lambda db: SwarmRepository(db).list_summaries(status=status, limit=limit),
         (
             "id",
             "name",
@@ -113,13 +116,10 @@ def agents(
 ) -> None:
     """List agents (newest first)."""
     swarm_id = _uuid(swarm, "--swarm")
-    rows = _query(
+    _list(
         lambda db: AgentRepository(db).list(
             swarm_id=swarm_id, status=status, lifecycle_state=lifecycle, model=model, limit=limit
-        )
-    )
-    _show(
-        rows,
+        ),
         ("id", "label", "status", "lifecycle_state", "model", "retry_count", "spawned_at"),
         "agents",
         json_out,
@@ -227,8 +227,8 @@ def events(
             order="desc",
         )
 
-    _show(
-        _query(query),
+    _list(
+        query,
         ("timestamp", "type", "severity", "entity_type", "swarm_id", "agent_id", "payload"),
         "events",
         json_out,
@@ -243,9 +243,8 @@ def budgets(
 ) -> None:
     """List budgets with allocation and consumption."""
     swarm_id = _uuid(swarm, "--swarm")
-    rows = _query(lambda db: BudgetRepository(db).list(scope_type=scope_type, swarm_id=swarm_id, limit=limit))
-    _show(
-        rows,
+    _list(
+        lambda db: BudgetRepository(db).list(scope_type=scope_type, swarm_id=swarm_id, limit=limit),
         ("id", "scope_type", "scope_id", "allocated", "consumed", "currency", "max_tokens", "used_tokens"),
         "budgets",
         json_out,
@@ -260,9 +259,8 @@ def sessions(
     json_out: JsonOpt = False,
 ) -> None:
     """List sessions, newest first (--json includes each session's tree)."""
-    rows = _query(lambda db: SessionRepository(db).list(include_expired=include_expired, limit=limit))
-    _show(
-        rows,
+    _list(
+        lambda db: SessionRepository(db).list(include_expired=include_expired, limit=limit),
         ("id", "current_branch", "created_at", "updated_at", "expires_at", "metadata"),
         "sessions",
         json_out,

@@ -7,6 +7,7 @@ another connection without it counting as a retry.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -130,8 +131,12 @@ class Acquired:
         self.untouched = False
 
     async def __aenter__(self) -> Connection:
-        self._pool = await self._db.ready()
-        self._con = con = await self._db._acquire(self._pool)
+        db = self._db
+        pool = db._pool
+        if pool is None or db._loop is not asyncio.get_running_loop():
+            pool = await db.ready()
+        self._pool = pool
+        self._con = con = await db._acquire(pool)
         self._mark = driver.mark(con)
         return con
 

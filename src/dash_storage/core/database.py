@@ -276,17 +276,23 @@ class Database:
         A connection whose server hung up while it sat idle is never handed out: it is closed
         (the pool opens a fresh one in its place) and the next one is taken.
         """
+        con = await self._checkout(pool)
+        if not driver.gone_while_idle(con):
+            return con
         for _ in range(self._replay_limit):
-            con = await self._checkout(pool)
-            if not driver.gone_while_idle(con):
-                return con
             log.debug("pooled connection was closed by the server while idle; replacing it")
             discard(con)
             await release(pool, con)
+            con = await self._checkout(pool)
+            if not driver.gone_while_idle(con):
+                return con
+        log.debug("pooled connection was closed by the server while idle; replacing it")
+        discard(con)
+        await release(pool, con)
         return await self._checkout(pool)
 
     async def _checkout(self, pool: asyncpg.Pool) -> Connection:
-        if pool.get_idle_size():
+        if driver.idle_count(pool):
             # A connection is free: skip the timeout, whose wait_for() costs a task per call.
             try:
                 return await pool.acquire()
@@ -357,7 +363,11 @@ class Database:
                     raise map_error(exc) from exc
                 log.debug("pooled connection was dead (%s); using another", type(exc).__name__)
             finally:
-                await release(pool, con)
+                try:
+                    await pool.release(con)
+                except Exception as exc:  # as connections.release: the pool replaces it
+                    if not is_driver_error(exc):
+                        raise
             replays += 1
 
     async def _call(
@@ -369,16 +379,23 @@ class Database:
             lambda _a: self._once(method, query, args, timeout), self.policy, what="query"
         )
 
+    def _retried(self, method: str, query: str, args: Sequence[Any], timeout: float | None) -> Awaitable[Any]:
+        return retry_call(lambda _a: self._once(method, query, args, timeout), self.policy, what="query")
+
     async def fetch(
         self, query: str, *args: Any, retry: bool = False, timeout: float | None = None
     ) -> list[Record]:
         """Rows of one statement. ``retry=True`` only for reads and idempotent writes."""
-        return await self._call("fetch", query, args, retry, timeout)  # type: ignore[no-any-return]
+        if retry:
+            return await self._retried("fetch", query, args, timeout)  # type: ignore[no-any-return]
+        return await self._once("fetch", query, args, timeout)  # type: ignore[no-any-return]
 
     async def fetchrow(
         self, query: str, *args: Any, retry: bool = False, timeout: float | None = None
     ) -> Record | None:
-        return await self._call("fetchrow", query, args, retry, timeout)  # type: ignore[no-any-return]
+        if retry:
+            return await self._retried("fetchrow", query, args, timeout)  # type: ignore[no-any-return]
+        return await self._once("fetchrow", query, args, timeout)  # type: ignore[no-any-return]
 
     async def fetchval(
         self, query: str, *args: Any, retry: bool = False, timeout: float | None = None

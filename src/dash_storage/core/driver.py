@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import select
 import uuid
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeAlias, cast
@@ -128,27 +129,45 @@ def is_closed(con: Any) -> bool:
 _HANGUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 
 
+#: A poll object per asyncpg connection, its socket registered once (weakly held: it goes with the
+#: connection).
+_pollers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
 def gone_while_idle(con: Any) -> bool:
     """True when an idle pooled connection is already dead: closed, or its server hung up.
 
     asyncpg notices a server's goodbye (``pg_terminate_backend``, a restart, idle_session_timeout)
     only when the event loop reads the socket, and in between it hands the connection out: the
     next statement then fails, or finds the protocol stuck on the unsolicited FATAL. One ``poll``
-    of the socket (under a microsecond) sees the hang-up before anything is sent.
+    of the socket (under a microsecond) sees the hang-up before anything is sent. The poll object
+    is made once per connection; a descriptor closed since answers POLLNVAL, which counts as gone.
     """
     raw = _raw(con)
     if raw is None or raw.is_closed():
         return True
-    transport = getattr(raw, "_transport", None)
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None:
-        return False
+    poller = _pollers.get(raw)
     try:
-        poller = select.poll()
-        poller.register(sock.fileno(), _HANGUP)
+        if poller is None:
+            transport = getattr(raw, "_transport", None)
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            if sock is None:
+                return False
+            poller = select.poll()
+            poller.register(sock.fileno(), _HANGUP)
+            _pollers[raw] = poller
         return bool(poller.poll(0))
     except (OSError, ValueError):
         return True  # a closed descriptor
+
+
+def idle_count(pool: Any) -> int:
+    """How many connection slots of ``pool`` are free now (an acquire would not wait for a caller
+    to release one). asyncpg's own ``get_idle_size()`` walks every slot; its queue knows at once."""
+    queue = getattr(pool, "_queue", None)
+    if queue is not None:
+        return int(queue.qsize())
+    return int(pool.get_idle_size())
 
 
 def _asyncpg_uuid() -> type[uuid.UUID]:

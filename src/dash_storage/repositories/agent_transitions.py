@@ -1,10 +1,10 @@
 """The guarded state changes of agents: ``update_status``, ``update_lifecycle_state``, ``pause`` and
 ``resume`` of AgentRepository, which delegates them here.
 
-Each change checks the current state in the same statement as the write (``TRANSITION``): a CTE
-locks the row and reads its state, and the UPDATE only applies when that state is an allowed
-source. One round trip therefore tells "not found" (None) from "not allowed"
-(InvalidTransitionError with the current state).
+Each change checks the current state in the same statement as the write (``TRANSITION``): one
+UPDATE whose WHERE is the guard (the current state is an allowed source), with the row's state
+read back when it does not apply. One round trip therefore tells "not found" (None) from "not
+allowed" (InvalidTransitionError with the current state), and a refused change locks nothing.
 
 Status transitions (``AGENT_STATUS_TRANSITIONS``, current -> allowed new statuses):
 
@@ -56,8 +56,12 @@ __all__ = [
     "LIFECYCLE_STATES",
     "PAUSABLE_STATUSES",
     "RESUMABLE_STATUSES",
+    "RESUME_ARGS",
+    "lifecycle_args",
     "pause",
+    "pause_args",
     "resume",
+    "status_args",
     "update_lifecycle_state",
     "update_status",
 ]
@@ -107,42 +111,59 @@ TRANSITION = _Q["transition"]
 SELECT_AGENT_BY_ID = _Q["find_by_id"]
 
 
+#: How many times a change refused on a stale view of the row is sent again (see _transition).
+_ASK_AGAIN = 3
+
+
+def status_args(status: str, last_error: tuple[bool, str | None] = (False, None)) -> tuple[Any, ...]:
+    """TRANSITION's parameters after the agent id, for ``update_status`` to ``status``. The target
+    is never paused, so the pause marks go (they belong to a pause that is over)."""
+    return (False, _STATUS_SOURCES[status], status, _FINAL, None, *last_error, True, None)
+
+
+def lifecycle_args(state: str) -> tuple[Any, ...]:
+    """TRANSITION's parameters after the agent id, for ``update_lifecycle_state``."""
+    return (True, _LIFECYCLE_SOURCES[state], None, None, state, False, None, False, None)
+
+
+def pause_args(paused_by: str) -> tuple[Any, ...]:
+    """TRANSITION's parameters after the agent id, for ``pause``."""
+    return (False, _PAUSABLE, "paused", None, "paused", False, None, True, paused_by)
+
+
+#: TRANSITION's parameters after the agent id, for ``resume``.
+RESUME_ARGS: tuple[Any, ...] = (False, _RESUMABLE, "running", None, "running", False, None, True, None)
+
+
 async def _transition(
-    db: Database,
-    agent_id: uuid.UUID,
-    requested: str,
-    sources: list[str],
-    *,
-    status: str | None = None,
-    lifecycle_state: str | None = None,
-    completed_at_follows: bool = False,
-    last_error: tuple[bool, str | None] = (False, None),
-    pause_marks: tuple[bool, str | None] = (False, None),
+    db: Database, agent_id: uuid.UUID, requested: str, target: str, args: tuple[Any, ...]
 ) -> Agent | None:
-    """Run the guarded statement TRANSITION: set ``status`` and/or ``lifecycle_state`` if the
-    current state is one of ``sources`` (of the lifecycle state when only that changes, else of
-    the status); ``completed_at`` follows the new status if asked; ``last_error`` and
-    ``pause_marks`` are (set?, value) as in the statement.
+    """Run the guarded statement TRANSITION with ``args`` (from the ``*_args`` helpers): ``target``
+    is the state the change sets (the status, or the lifecycle state when only that changes).
 
     Retried: a retry that finds the row already in the requested state answers success (the
-    first attempt applied the change, but its answer was lost).
+    first attempt applied the change, but its answer was lost). A refusal that names an allowed
+    current state was judged on a newer row version than the statement's snapshot shows (a
+    concurrent change got there first): the change is sent again, to be judged on the newest.
     """
-    on_lifecycle = status is None
-    target = lifecycle_state if on_lifecycle else status
-    final = _FINAL if completed_at_follows else None
-    args = (agent_id, on_lifecycle, sources, status, final, lifecycle_state, *last_error, *pause_marks)
+    sources = args[1]
 
     async def op(con: Connection, attempt: int) -> Agent | None:
-        row = await con.fetchrow(TRANSITION, *args)
-        if row is None:
-            return None  # no such agent
-        if row[1] is not None:
-            return Agent(*row[1:])
-        current = row[0]
-        if attempt > 1 and current == target:
-            again = await con.fetchrow(SELECT_AGENT_BY_ID, agent_id)
-            return Agent(*again) if again is not None else None
-        raise InvalidTransitionError("agent", agent_id, current, requested)
+        for ask in range(_ASK_AGAIN + 1):
+            row = await con.fetchrow(TRANSITION, agent_id, *args)
+            assert row is not None
+            if row[1] is not None:
+                return Agent(*row[1:])
+            current = row[0]
+            if current is None:
+                return None  # no such agent
+            if current in sources and ask < _ASK_AGAIN:
+                continue
+            if attempt > 1 and current == target:
+                again = await con.fetchrow(SELECT_AGENT_BY_ID, agent_id)
+                return Agent(*again) if again is not None else None
+            raise InvalidTransitionError("agent", agent_id, current, requested)
+        raise AssertionError("unreachable")
 
     return await db.run(op, retry=True)
 
@@ -159,17 +180,7 @@ async def update_status(db: Database, id: Any, status: Any, last_error: Any) -> 
         )
     error = given(last_error, lambda x: v.check_text(x, "last_error", max_length=v.LONG_TEXT, optional=True))
     try:
-        # The target is never paused, so the pause marks go (they belong to a pause that is over).
-        return await _transition(
-            db,
-            agent_id,
-            f"set status to {st}",
-            _STATUS_SOURCES[st],
-            status=st,
-            completed_at_follows=True,
-            last_error=error,
-            pause_marks=(True, None),
-        )
+        return await _transition(db, agent_id, f"set status to {st}", st, status_args(st, error))
     except InvalidTransitionError as exc:
         if exc.current != "paused":
             raise
@@ -182,23 +193,17 @@ async def update_lifecycle_state(db: Database, id: Any, state: Any) -> Agent | N
     """``AgentRepository.update_lifecycle_state``."""
     agent_id = v.check_uuid(id, "id")
     ls = v.check_choice(state, LIFECYCLE_STATES, "state")
-    return await _transition(
-        db, agent_id, f"set lifecycle_state to {ls}", _LIFECYCLE_SOURCES[ls], lifecycle_state=ls
-    )
+    return await _transition(db, agent_id, f"set lifecycle_state to {ls}", ls, lifecycle_args(ls))
 
 
 async def pause(db: Database, agent_id: Any, paused_by: Any) -> Agent | None:
     """``AgentRepository.pause``."""
     aid = v.check_uuid(agent_id, "agent_id")
     by = v.check_text(paused_by, "paused_by", allow_empty=False)
-    return await _transition(
-        db, aid, "pause", _PAUSABLE, status="paused", lifecycle_state="paused", pause_marks=(True, by)
-    )
+    return await _transition(db, aid, "pause", "paused", pause_args(by))
 
 
 async def resume(db: Database, agent_id: Any) -> Agent | None:
     """``AgentRepository.resume``."""
     aid = v.check_uuid(agent_id, "agent_id")
-    return await _transition(
-        db, aid, "resume", _RESUMABLE, status="running", lifecycle_state="running", pause_marks=(True, None)
-    )
+    return await _transition(db, aid, "resume", "running", RESUME_ARGS)

@@ -151,7 +151,7 @@ class ConsumeRequest:
         return ConflictError(
             f"idempotency_key {self.key!r} was already used on budget {self.budget_id} for a different "
             f"charge (tokens={tokens}, cost={cost})",
-            constraint="budget_ledger_idempotency_unique",
+            constraint=_LEDGER_UNIQUE,
         )
 
     def _repeat_of(self, prior_id: Any, tokens: int, cost: Decimal, budget: Budget) -> None:
@@ -177,6 +177,7 @@ class ConsumeRequest:
 
 #: bigint's largest value: the token limit of an unlimited budget, as in the statements.
 _BIGINT_MAX = 9223372036854775807
+_LEDGER_UNIQUE = "budget_ledger_idempotency_unique"
 
 
 def _fits(b: Budget, tokens: int, cost: Decimal) -> bool:
@@ -185,26 +186,39 @@ def _fits(b: Budget, tokens: int, cost: Decimal) -> bool:
     return b.consumed + cost <= b.allocated and b.used_tokens + tokens <= limit
 
 
+#: How many times a consume is sent again when its answer was unsure (see consume_one).
+_ASK_AGAIN = 3
+
+
 async def consume_one(db: Database, req: ConsumeRequest) -> ConsumeResult:
-    """Charge one request with the one-statement ``CONSUME`` (see BudgetRepository.try_consume)."""
+    """Charge one request with the one-statement ``CONSUME`` (see BudgetRepository.try_consume).
+
+    The statement judges the request on its snapshot, without locking the budget unless it
+    charges. Two answers are unsure, and the request is then sent again (with a fresh snapshot,
+    the same key and ledger id, so it can never charge twice): a refusal although the budget it
+    saw had room (a concurrent change refused it, and may be a same-key charge), and the unique
+    index refusing the ledger row (a same-key charge committed meanwhile; nothing was applied).
+    """
     bid, tok, amount, key = req.budget_id, req.tokens, req.cost, req.key
-    row = await db.fetchrow(CONSUME, bid, tok, amount, key, req.ledger_id, retry=True)
-    if row is None:
-        return ConsumeResult(ConsumeStatus.NOT_FOUND, bid, key)
-    granted, settled, prior_id, prior_tokens, prior_cost = row[:5]
-    budget = Budget(*row[5:])
-    if granted:
-        return ConsumeResult(ConsumeStatus.GRANTED, bid, key, budget)
-    if prior_id is None and (not settled or _fits(budget, tok, amount)):
-        # A same-key charge may have committed after this statement's snapshot (while it
-        # waited for the row lock): look the key up again with a fresh snapshot.
-        again = await db.fetchrow(SELECT_LEDGER_BY_KEY, bid, key, retry=True)
-        if again is not None:
-            prior_id, prior_tokens, prior_cost = again
-    if prior_id is None:
-        return ConsumeResult(ConsumeStatus.INSUFFICIENT, bid, key, budget)
-    req._repeat_of(prior_id, prior_tokens, prior_cost, budget)
-    return req.answer()
+    for ask in range(_ASK_AGAIN + 1):
+        try:
+            row = await db.fetchrow(CONSUME, bid, tok, amount, key, req.ledger_id, retry=True)
+        except ConflictError as exc:
+            if exc.constraint != _LEDGER_UNIQUE or ask == _ASK_AGAIN:
+                raise
+            continue
+        if row is None:
+            return ConsumeResult(ConsumeStatus.NOT_FOUND, bid, key)
+        granted, settled, prior_id, prior_tokens, prior_cost = row[:5]
+        budget = Budget(*row[5:])
+        if granted:
+            return ConsumeResult(ConsumeStatus.GRANTED, bid, key, budget)
+        if prior_id is not None:
+            req._repeat_of(prior_id, prior_tokens, prior_cost, budget)
+            return req.answer()
+        if settled and not _fits(budget, tok, amount):
+            break
+    return ConsumeResult(ConsumeStatus.INSUFFICIENT, bid, key, budget)
 
 
 #: The columns of a Budget, which start the answer of CONSUME_BATCH.

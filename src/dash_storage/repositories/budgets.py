@@ -1,9 +1,10 @@
 """BudgetRepository: budgets, their consumption ledger, and usage reports.
 
-Consumption is ONE statement (``CONSUME``): it locks the budget row, checks the idempotency key,
-checks headroom (cost against ``allocated``, tokens against ``max_tokens``), writes the
-``budget_ledger`` row and updates the counters, all atomically. Concurrent consumes of one budget
-serialize on the row lock; the table's CHECK constraints are the last line of defence, so
+Consumption is ONE statement (``CONSUME``): one guarded UPDATE checks the idempotency key and the
+headroom (cost against ``allocated``, tokens against ``max_tokens``) and updates the counters, and
+the ``budget_ledger`` row is written with it, all atomically. A consume that is refused takes no
+lock and writes nothing; concurrent grants of one budget serialize on the row lock the UPDATE takes
+(each judged on the one before it); the table's CHECK constraints are the last line of defence, so
 ``consumed`` can never exceed ``allocated`` nor ``used_tokens`` exceed ``max_tokens``.
 
 Hot budgets: by default concurrent consumes of the SAME budget within one process (one Database)

@@ -11,59 +11,117 @@ from __future__ import annotations
 
 import datetime as dt
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from dash_storage.core.models import Event
 from dash_storage.repositories.event_input import ENTITY_TYPES, SEVERITIES, EventRow
 
-__all__ = ["COPY_COLUMNS", "COPY_TABLE", "copy_data"]
+__all__ = [
+    "COPY_COLUMNS",
+    "COPY_TABLE",
+    "FIRST_CHUNK",
+    "MAX_CHUNK",
+    "chunk_ranges",
+    "copy_chunk",
+    "copy_data",
+]
 
 #: The table and columns of the COPY, in the order ``copy_data`` encodes them (that of EventRow).
 COPY_TABLE = "events"
 COPY_COLUMNS = Event._fields
+#: Rows in the first piece of ``chunk_ranges``; the pieces after it double, up to MAX_CHUNK rows.
+FIRST_CHUNK = 64
+MAX_CHUNK = 512
 
 _HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
 _TRAILER = b"\xff\xff"
 _NULL = b"\xff\xff\xff\xff"
-_ROW_START = struct.Struct(">hi16si16s").pack  # field count; id and swarm_id (length, 16 bytes)
+# The field count, then id, swarm_id and agent_id (each its length and 16 bytes), or agent_id NULL.
+_ROW_START = struct.Struct(">hi16si16si16s").pack
+_ROW_START_NO_AGENT = struct.Struct(">hi16si16si").pack
 _LENGTH = struct.Struct(">i").pack
 _UUID = struct.Struct(">i16s").pack
 _TIMESTAMP = struct.Struct(">iq").pack  # length 8, microseconds since 2000-01-01 UTC
 _PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 _MICROSECOND = dt.timedelta(microseconds=1)
 _FIELDS = len(COPY_COLUMNS)
-# entity_type and severity as COPY fields (length, then UTF-8), encoded once.
-_CHOICES = {c: _LENGTH(len(c.encode())) + c.encode() for c in ENTITY_TYPES | SEVERITIES}
+# entity_type and severity as COPY fields (length, then UTF-8), both at once, encoded once.
+_CHOICE_PAIRS = {
+    (e, s): _LENGTH(len(e.encode())) + e.encode() + _LENGTH(len(s.encode())) + s.encode()
+    for e in ENTITY_TYPES
+    for s in SEVERITIES
+}
 
 
 def copy_data(rows: Sequence[EventRow], payloads: Sequence[bytes], now: dt.datetime | None) -> bytes:
     """``rows`` (with their payloads in jsonb's binary form, as ``prepare_event`` makes them) as
     binary COPY data, columns in COPY_COLUMNS order. A row without a timestamp gets ``now``, which
     must then be given."""
+    return _encode(rows, payloads, now, _HEADER, _TRAILER)
+
+
+def chunk_ranges(n: int) -> Iterator[tuple[int, int]]:
+    """The rows (start, end) of each piece of the COPY data of ``n`` rows: a first piece of
+    ``FIRST_CHUNK`` rows, so that the server starts inserting at once, then pieces twice as big as
+    the one before (up to ``MAX_CHUNK`` rows), encoded while the server inserts those sent."""
+    start, size = 0, FIRST_CHUNK
+    while True:
+        end = min(start + size, n)
+        yield start, end
+        if end == n:
+            return
+        start, size = end, min(2 * size, MAX_CHUNK)
+
+
+def copy_chunk(
+    rows: Sequence[EventRow], payloads: Sequence[bytes], now: dt.datetime | None, start: int, end: int
+) -> bytes:
+    """Rows ``start`` to ``end`` of ``copy_data(rows, payloads, now)``: the piece of it they make
+    (with the header if ``start`` is 0, and the trailer if ``end`` is the last row)."""
+    head, tail = _HEADER if start == 0 else b"", _TRAILER if end == len(rows) else b""
+    return _encode(rows[start:end], payloads[start:end], now, head, tail)
+
+
+def _encode(
+    rows: Sequence[EventRow], payloads: Sequence[bytes], now: dt.datetime | None, head: bytes, tail: bytes
+) -> bytes:
+    """``head``, the rows as binary COPY data, then ``tail``."""
     default_ts = b"" if now is None else _TIMESTAMP(8, (now - _PG_EPOCH) // _MICROSECOND)
-    out = [_HEADER]
+    # timestamp, correlation_id and parent_event_id of a row that leaves them out, as one piece
+    defaulted = default_ts + _NULL + _NULL
+    out = [head]
     add = out.append
-    null, choices, length, uuid_field = _NULL, _CHOICES, _LENGTH, _UUID
+    null, length, uuid_field, choices = _NULL, _LENGTH, _UUID, _CHOICE_PAIRS
+    types: dict[str, bytes] = {}  # the type field of each type seen (a batch repeats a few)
     # One list of pieces joined once; a UUID's 16 bytes from its int (``.bytes`` is a property
     # that does the same, at the cost of a Python call).
     for r, p in zip(rows, payloads, strict=True):
-        typ = r[3].encode()
-        agent, ts, corr, parent = r[2], r[5], r[6], r[7]
-        add(_ROW_START(_FIELDS, 16, r[0].int.to_bytes(16), 16, r[1].int.to_bytes(16)))
-        add(null if agent is None else uuid_field(16, agent.int.to_bytes(16)))
-        add(length(len(typ)))
-        add(typ)
+        agent, typ, ts, corr, parent = r[2], r[3], r[5], r[6], r[7]
+        if agent is None:
+            add(_ROW_START_NO_AGENT(_FIELDS, 16, r[0].int.to_bytes(16), 16, r[1].int.to_bytes(16), -1))
+        else:
+            add(
+                _ROW_START(
+                    _FIELDS, 16, r[0].int.to_bytes(16), 16, r[1].int.to_bytes(16), 16, agent.int.to_bytes(16)
+                )
+            )
+        field = types.get(typ)
+        if field is None:
+            field = types[typ] = _text_field(typ)
+        add(field)
         add(length(len(p)))
         add(p)
-        add(default_ts if ts is None else _TIMESTAMP(8, (ts - _PG_EPOCH) // _MICROSECOND))
-        if corr is None:
-            add(null)
+        if ts is None and corr is None and parent is None:
+            add(defaulted)
         else:
-            text = corr.encode()
-            add(length(len(text)))
-            add(text)
-        add(null if parent is None else uuid_field(16, parent.int.to_bytes(16)))
-        add(choices[r[8]])
-        add(choices[r[9]])
-    add(_TRAILER)
+            add(default_ts if ts is None else _TIMESTAMP(8, (ts - _PG_EPOCH) // _MICROSECOND))
+            add(null if corr is None else _text_field(corr))
+            add(null if parent is None else uuid_field(16, parent.int.to_bytes(16)))
+        add(choices[r[8], r[9]])
+    add(tail)
     return b"".join(out)
+
+
+def _text_field(text: str) -> bytes:
+    data = text.encode()
+    return _LENGTH(len(data)) + data

@@ -13,22 +13,46 @@ order, then the cursor (timestamp, id); a count takes only the filter values.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import itertools
 import re
-from collections.abc import Iterable
-from typing import Any
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any, TypedDict
 
 from dash_storage import sql
 from dash_storage.core import validation as v
 from dash_storage.core.errors import DashStorageError, ValidationError
 from dash_storage.repositories.event_input import ENTITY_TYPES, SEVERITIES
 
-__all__ = ["FILTERS", "ORDERS", "PARTS", "check_filters", "count_sql", "select_sql", "statements"]
+__all__ = [
+    "FILTERS",
+    "ORDERS",
+    "PARTS",
+    "EventFilters",
+    "check_filters",
+    "count_sql",
+    "select_sql",
+    "statements",
+]
 
 #: The filters, in the order of their parameters.
 FILTERS = ("swarm_id", "agent_id", "types", "entity_type", "severity", "since", "until")
 ORDERS = ("ASC", "DESC")
+
+
+class EventFilters(TypedDict, total=False):
+    """The filters of ``find_by_filter`` and ``count`` (``FILTERS``); each may be left out."""
+
+    swarm_id: uuid.UUID | str | None
+    agent_id: uuid.UUID | str | None
+    types: Sequence[str] | None
+    entity_type: str | None
+    severity: str | None
+    since: dt.datetime | None
+    until: dt.datetime | None
+
 
 _Q = sql.load("events")
 _SELECT = _Q["part_select_events"]
@@ -51,13 +75,13 @@ _GIVEN = {
 
 
 def check_filters(
-    swarm_id: Any,
-    agent_id: Any,
-    types: Any,
-    entity_type: Any,
-    severity: Any,
-    since: Any,
-    until: Any,
+    swarm_id: Any = None,
+    agent_id: Any = None,
+    types: Any = None,
+    entity_type: Any = None,
+    severity: Any = None,
+    since: Any = None,
+    until: Any = None,
 ) -> tuple[tuple[str, ...], list[Any]] | None:
     """Validate the filters: (the names of those given, in ``FILTERS`` order; their values), or
     None when nothing can match (``types=[]``)."""

@@ -1,10 +1,14 @@
 """Writing validated events: one (``insert_one``) or a batch, all or nothing (``insert_prepared``).
 
-Writes are idempotent by client-generated id (UUIDv7, fixed before the first attempt), so they are
-retried safely after a lost connection: a retry attempt finds the rows the lost attempt wrote,
-checks that they are the events sent (an id that belonged to another event is a ConflictError,
-never a success to adopt), and writes only the rest. A batch of fewer than ``COPY_MIN_BATCH``
-events is one INSERT over arrays (one round trip), a bigger one binary COPY in one transaction.
+Writes are idempotent by client-generated id (UUIDv7, fixed before the event is first sent), so
+they are retried safely after a lost connection: a retry attempt finds the rows the lost attempt
+wrote, checks that they are the events sent (an id that belonged to another event is a
+ConflictError, never a success to adopt), and writes only the rest. A batch of fewer than
+``COPY_MIN_BATCH`` events is one INSERT over arrays (one round trip), a bigger one binary COPY in
+one transaction, streamed: the client encodes the data piece by piece (generating the ids not
+given) and builds the events it returns while the server inserts what it was sent. A first
+attempt returns the events as sent, with the writing transaction's now() as every timestamp left
+out; a retry attempt reads back what the lost attempt stored.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import datetime as dt
 import functools
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -28,17 +32,18 @@ from dash_storage.core.errors import (
     SerializationConflictError,
     map_error,
 )
+from dash_storage.core.ids import new_id
 from dash_storage.core.models import Event
 from dash_storage.repositories.base import missing_parent
-from dash_storage.repositories.event_copy import COPY_COLUMNS, COPY_TABLE, copy_data
-from dash_storage.repositories.event_input import EventRow, dump_payload, payload_json
+from dash_storage.repositories.event_copy import COPY_COLUMNS, COPY_TABLE, chunk_ranges, copy_chunk
+from dash_storage.repositories.event_input import EventRow, PendingRow, dump_payload, payload_json
 
 __all__ = ["COPY_MIN_BATCH", "insert_one", "insert_prepared"]
 
 #: Batches of at least this many events are written with binary COPY, smaller ones with one INSERT
 #: over arrays. COPY costs four round trips (BEGIN, now(), COPY, COMMIT) against the INSERT's one,
-#: but less per row on both sides; they break even between 32 and 64 events (bench/ingest.py).
-COPY_MIN_BATCH = 64
+#: but less per row on both sides; they break even at about 96 events (bench/ingest.py).
+COPY_MIN_BATCH = 96
 
 _Q = sql.load("events")
 INSERT_EVENT = _Q["insert_event"]
@@ -78,16 +83,22 @@ async def insert_one(db: Database, row: EventRow) -> Event:
         raise NotFoundError(entity, row[1] if entity == "swarm" else row[2]) from exc.__cause__
 
 
-async def insert_prepared(db: Database, rows: Sequence[EventRow], payloads: Sequence[bytes]) -> list[Event]:
-    """Write validated events (see ``prepare_event``) all or nothing; the stored events, in order.
+async def insert_prepared(db: Database, rows: Sequence[PendingRow], payloads: Sequence[bytes]) -> list[Event]:
+    """Write validated events (see ``prepare_event`` / ``prepare_batch``) all or nothing; the
+    stored events, in order.
 
     Retried on transient failures: ids are fixed, and a retry attempt writes only the events the
-    lost attempt did not, so every event is stored once. Rows must have distinct ids. A missing
-    swarm or agent is a NotFoundError naming the first missing one (in input order).
+    lost attempt did not, so every event is stored once. A row without an id gets a new one just
+    before it is first sent (every later attempt sends that one). Rows must have distinct ids. A
+    missing swarm or agent is a NotFoundError naming the first missing one (in input order).
     """
+    if not rows:
+        return []
     attempt = _copy_attempt if len(rows) >= COPY_MIN_BATCH else _insert_attempt
+    # One list that every attempt shares: the ids fixed by one are those of the next.
+    pending = list(rows)
     try:
-        return await db.run(functools.partial(attempt, rows, payloads), retry=True)
+        return await db.run(functools.partial(attempt, pending, payloads), retry=True)
     except ConflictError as exc:
         entity = missing_parent(exc)
         if entity is None:
@@ -95,7 +106,7 @@ async def insert_prepared(db: Database, rows: Sequence[EventRow], payloads: Sequ
         raise await _missing_parent_error(db, rows, entity) from exc.__cause__
 
 
-async def _missing_parent_error(db: Database, rows: Sequence[EventRow], entity: str) -> NotFoundError:
+async def _missing_parent_error(db: Database, rows: Sequence[PendingRow], entity: str) -> NotFoundError:
     """NotFoundError naming the first swarm/agent of ``rows`` (input order) that does not exist.
 
     The failed statement only says that one is missing; when the batch references several, one
@@ -138,33 +149,24 @@ def _not_ours(event_id: Any) -> ConflictError:
 
 
 async def _insert_attempt(
-    rows: Sequence[EventRow], payloads: Sequence[bytes], con: Connection, attempt: int
+    pending: list[PendingRow], payloads: Sequence[bytes], con: Connection, attempt: int
 ) -> list[Event]:
-    """One INSERT over parallel text arrays (see insert_events in sql/events.sql)."""
-    columns: list[list[str | None]] = [
-        [str(r[0]) for r in rows],
-        [str(r[1]) for r in rows],
-        [None if r[2] is None else str(r[2]) for r in rows],
-        [r[3] for r in rows],
-        [payload_json(p).decode() for p in payloads],
-        [None if r[5] is None else r[5].isoformat() for r in rows],
-        [r[6] for r in rows],
-        [None if r[7] is None else str(r[7]) for r in rows],
-        [r[8] for r in rows],
-        [r[9] for r in rows],
-    ]
+    """One INSERT over parallel arrays (see insert_events in sql/events.sql), which hands back the
+    writing transaction's now() on a first attempt, the rows it wrote on a retry."""
+    rows = _with_ids(pending, 0, len(pending))
+    columns: list[Sequence[Any]] = list(zip(*rows, strict=True))  # the rows' fields, column by column
+    columns[4] = [payload_json(p).decode() for p in payloads]
     if attempt == 1:
-        by_id = {r[0]: r for r in await con.fetch(INSERT_EVENTS, *columns)}
-    else:
-        # One transaction, so that finding another event's id rolls the whole batch back.
-        async with transaction_on(con):
-            by_id = {r[0]: r for r in await con.fetch(INSERT_EVENTS_RETRY, *columns)}
-            missing = {r[0]: (r, p) for r, p in zip(rows, payloads, strict=True) if r[0] not in by_id}
-            if missing:  # written by the attempt whose answer was lost, or another event's id
-                for r in await con.fetch(SELECT_EVENTS_BY_IDS, [str(i) for i in missing]):
-                    if not _is_ours(r, *missing[r[0]]):
-                        raise _not_ours(r[0])
-                    by_id[r[0]] = r
+        return _as_stored(rows, payloads, await con.fetchval(INSERT_EVENTS, *columns))
+    # A retry. One transaction, so that finding another event's id rolls the whole batch back.
+    async with transaction_on(con):
+        by_id = {r[0]: r for r in await con.fetch(INSERT_EVENTS_RETRY, *columns)}
+        missing = {r[0]: (r, p) for r, p in zip(rows, payloads, strict=True) if r[0] not in by_id}
+        if missing:  # written by the attempt whose answer was lost, or another event's id
+            for r in await con.fetch(SELECT_EVENTS_BY_IDS, [str(i) for i in missing]):
+                if not _is_ours(r, *missing[r[0]]):
+                    raise _not_ours(r[0])
+                by_id[r[0]] = r
     try:
         return [Event(*by_id[r[0]]) for r in rows]
     except KeyError as exc:
@@ -174,21 +176,23 @@ async def _insert_attempt(
 
 
 async def _copy_attempt(
-    rows: Sequence[EventRow], payloads: Sequence[bytes], con: Connection, attempt: int
+    pending: list[PendingRow], payloads: Sequence[bytes], con: Connection, attempt: int
 ) -> list[Event]:
     """One transaction: read now(), binary COPY, commit."""
     async with transaction_on(con):
-        return await _copy_in_transaction(rows, payloads, con, attempt)
+        return await _copy_in_transaction(pending, payloads, con, attempt)
 
 
 async def _copy_in_transaction(
-    rows: Sequence[EventRow], payloads: Sequence[bytes], con: Connection, attempt: int
+    pending: list[PendingRow], payloads: Sequence[bytes], con: Connection, attempt: int
 ) -> list[Event]:
-    """Binary COPY; defaulted timestamps get the transaction's now(). A retry attempt first reads
+    """Binary COPY; defaulted timestamps get the transaction's now(). The first attempt gives the
+    rows without an id theirs as it encodes them; a retry attempt gives every row its id, reads
     the events the lost attempt committed and copies only the rest."""
+    todo, todo_payloads = pending, payloads
     stored: dict[uuid.UUID, Event] = {}
-    todo, todo_payloads = rows, payloads
     if attempt > 1:
+        rows = _with_ids(pending, 0, len(pending))
         sent = {r[0]: (r, p) for r, p in zip(rows, payloads, strict=True)}
         for r in await con.fetch(SELECT_EVENTS_BY_IDS, [str(r[0]) for r in rows]):
             if not _is_ours(r, *sent[r[0]]):
@@ -196,43 +200,87 @@ async def _copy_in_transaction(
             stored[r[0]] = Event(*r)
         if stored:
             kept = [i for i, r in enumerate(rows) if r[0] not in stored]
-            todo, todo_payloads = [rows[i] for i in kept], [payloads[i] for i in kept]
-    if not todo:
-        return [stored[r[0]] for r in rows]
-    now: dt.datetime | None = None
-    if any(r[5] is None for r in todo):
-        now = await con.fetchval(SELECT_NOW)
-    data = copy_data(todo, todo_payloads, now)
+            if not kept:
+                return [stored[r[0]] for r in rows]
+            todo, todo_payloads = [pending[i] for i in kept], [payloads[i] for i in kept]
+    now = await con.fetchval(SELECT_NOW) if any(r[5] is None for r in todo) else None
+    source = _CopySource(todo, todo_payloads, now)
     try:
-        # A memoryview: asyncpg sends any buffer as is (bytes would be taken for a file path).
-        await con.copy_to_table(
-            COPY_TABLE,
-            source=memoryview(data),  # type: ignore[arg-type]  # buffers are documented, not in the stubs
-            columns=COPY_COLUMNS,
-            format="binary",
-        )
+        await con.copy_to_table(COPY_TABLE, source=source, columns=COPY_COLUMNS, format="binary")
     except Exception as exc:
         if attempt == 1 or not _duplicate_id(exc):
             raise
         # The lost attempt's transaction committed only now (its backend outlived the connection):
         # not a real conflict. Retry; the next attempt reads those rows.
         raise SerializationConflictError(f"events of the batch were committed concurrently: {exc}") from exc
-    # The events as stored: every value is what was sent (timestamps in UTC, as the database hands
-    # them back); the payload is decoded from the very JSON text sent (``p[1:]``, what follows
-    # jsonb's version byte: ``payload_json`` inlined). JSONB keeps its values; what
-    # a read may spell differently is key order (dict equality ignores it) and a float written with
-    # an exponent that is a whole number (1e+16 reads back as the equal int 10000000000000000).
-    # tuple.__new__ builds each Event from its fields in order without the Python-level __new__
-    # of a NamedTuple, which binds ten arguments by name.
-    loads, make = orjson.loads, tuple.__new__
-    written: list[Event] = [
-        make(Event, (r[0], r[1], r[2], r[3], loads(p[1:]), r[5] or now, r[6], r[7], r[8], r[9]))
-        for r, p in zip(todo, todo_payloads, strict=True)
-    ]
+    written = source.written()
     if not stored:
         return written
     stored.update((e.id, e) for e in written)
-    return [stored[r[0]] for r in rows]
+    return [stored[r[0]] for r in _sent(pending)]
+
+
+class _CopySource:
+    """The data of one COPY, for asyncpg to send piece by piece (``chunk_ranges``): each piece is
+    encoded when asked for, its rows without an id getting theirs first, while the server inserts
+    the pieces already sent; once the last piece is sent, the events as stored are built, while
+    the server still inserts (before the end of the data)."""
+
+    __slots__ = ("_now", "_payloads", "_ranges", "_rows", "_written")
+
+    def __init__(self, rows: list[PendingRow], payloads: Sequence[bytes], now: dt.datetime | None) -> None:
+        self._rows, self._payloads, self._now = rows, payloads, now
+        self._ranges = chunk_ranges(len(rows))
+        self._written: list[Event] | None = None
+
+    def __aiter__(self) -> _CopySource:
+        return self
+
+    async def __anext__(self) -> bytes:
+        piece = next(self._ranges, None)
+        if piece is not None:
+            start, end = piece
+            return copy_chunk(_with_ids(self._rows, start, end), self._payloads, self._now, start, end)
+        self.written()
+        raise StopAsyncIteration
+
+    def written(self) -> list[Event]:
+        """The events as stored, once the COPY succeeded (see ``_as_stored``)."""
+        if self._written is None:
+            self._written = _as_stored(_sent(self._rows), self._payloads, self._now)
+        return self._written
+
+
+def _with_ids(rows: list[PendingRow], start: int, end: int) -> list[EventRow]:
+    """Give the rows ``start`` to ``end`` that have no id a new one, in place: before they are
+    first sent, so that every attempt sends the same. Returns ``rows``, typed as the EventRows
+    that the rows up to ``end`` now are."""
+    for i in range(start, end):
+        row = rows[i]
+        if row[0] is None:
+            rows[i] = (new_id(), *row[1:])
+    return cast(list[EventRow], rows)
+
+
+def _sent(rows: list[PendingRow]) -> list[EventRow]:
+    """``rows`` once all of them were sent, each with its id."""
+    return cast(list[EventRow], rows)
+
+
+def _as_stored(rows: Sequence[EventRow], payloads: Sequence[bytes], now: dt.datetime | None) -> list[Event]:
+    """Events just written, as stored, a timestamp left out being ``now`` (that of the writing
+    transaction): every value is what was sent (timestamps in UTC, as the database hands
+    them back); the payload is decoded from the very JSON text sent (``p[1:]``, what follows
+    jsonb's version byte: ``payload_json`` inlined). JSONB keeps its values; what a read may spell
+    differently is key order (dict equality ignores it) and a float written with an exponent that
+    is a whole number (1e+16 reads back as the equal int 10000000000000000)."""
+    # tuple.__new__ builds each Event from its fields in order, without the Python-level __new__
+    # of a NamedTuple, which binds ten arguments by name.
+    loads, make = orjson.loads, tuple.__new__
+    return [
+        make(Event, (r[0], r[1], r[2], r[3], loads(p[1:]), r[5] or now, r[6], r[7], r[8], r[9]))
+        for r, p in zip(rows, payloads, strict=True)
+    ]
 
 
 def _duplicate_id(exc: Exception) -> bool:

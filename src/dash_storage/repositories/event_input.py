@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any, Required, TypedDict
+from typing import Any, Required, TypedDict, cast
 
 import orjson
 
@@ -36,6 +36,7 @@ __all__ = [
     "EventFields",
     "EventInput",
     "EventRow",
+    "PendingRow",
     "check_batch",
     "check_event",
     "dump_payload",
@@ -98,6 +99,21 @@ EventRow = tuple[
     str,
     str,
 ]
+#: A row of ``prepare_batch``: an EventRow whose id is None when the caller gave none. Generating
+#: ids costs about as much as validating; ``event_ingest`` does it while the server inserts the
+#: rows sent before, always before the row is first sent (so every attempt sends the same id).
+PendingRow = tuple[
+    uuid.UUID | None,
+    uuid.UUID,
+    uuid.UUID | None,
+    str,
+    Any,
+    dt.datetime | None,
+    str | None,
+    uuid.UUID | None,
+    str,
+    str,
+]
 
 
 def check_event(event: Mapping[str, Any], prefix: str = "") -> EventRow:
@@ -106,14 +122,14 @@ def check_event(event: Mapping[str, Any], prefix: str = "") -> EventRow:
     The field named in an error is ``prefix + name`` (e.g. ``events[3].type``); an unknown key is
     reported on the event itself (``events[3]``).
     """
-    got = _fast_event(event) if type(event) is dict else None
-    if got is not None:
-        return got[0]
-    return _check_event(event, prefix)
+    got = _fast_event(event, True) if type(event) is dict else None
+    row = got[0] if got is not None else _check_event(event, prefix, True)
+    return cast(EventRow, row)  # its id is set (new=True)
 
 
-def _check_event(event: Mapping[str, Any], prefix: str) -> EventRow:
-    """``check_event`` for any input: every rule, each failure a ValidationError naming the field."""
+def _check_event(event: Mapping[str, Any], prefix: str, new: bool) -> PendingRow:
+    """``check_event`` for any input: every rule, each failure a ValidationError naming the field.
+    An id not given is generated if ``new``, else left None."""
     if not FIELDS.issuperset(event):
         unknown = next(key for key in event if key not in FIELDS)
         raise ValidationError(prefix.rstrip(".") or "event", f"has unknown key {unknown!r}")
@@ -132,8 +148,9 @@ def _check_event(event: Mapping[str, Any], prefix: str) -> EventRow:
             ts = ts.astimezone(dt.UTC)  # what the database stores and hands back
         except OverflowError:
             raise ValidationError(prefix + "timestamp", "is out of range once converted to UTC") from None
+    event_id = v.check_uuid(get("id"), prefix + "id", optional=True)
     return (
-        v.check_uuid(get("id"), prefix + "id", optional=True) or new_id(),
+        new_id() if event_id is None and new else event_id,
         sid,
         v.check_uuid(get("agent_id"), prefix + "agent_id", optional=True),
         typ,
@@ -147,16 +164,18 @@ def _check_event(event: Mapping[str, Any], prefix: str) -> EventRow:
 
 
 def check_batch(events: Any) -> list[EventRow]:
-    """Validate the items of ``create_many`` (mappings of ``EventInput``), with distinct ids."""
-    return prepare_batch(events)[0]
+    """Validate the items of ``create_many`` (mappings of ``EventInput``), with distinct ids; an
+    id not given is generated."""
+    return [cast(EventRow, r if r[0] is not None else (new_id(), *r[1:])) for r in prepare_batch(events)[0]]
 
 
-def prepare_batch(events: Any) -> tuple[list[EventRow], list[bytes]]:
+def prepare_batch(events: Any) -> tuple[list[PendingRow], list[bytes]]:
     """Validate the items of ``create_many`` as ``check_batch`` does, in one pass, and serialise
-    their payloads (for ``insert_prepared``): the rows, and the payloads in the same order."""
+    their payloads (for ``insert_prepared``): the rows, and the payloads in the same order. An id
+    not given is left None, for ``insert_prepared`` to generate."""
     if isinstance(events, str | bytes | Mapping) or not isinstance(events, Iterable):
         raise ValidationError("events", "must be a list of events (mappings)")
-    rows: list[EventRow] = []
+    rows: list[PendingRow] = []
     payloads: list[bytes] = []
     add_row, add_payload = rows.append, payloads.append
     seen: dict[int, int] = {}  # the ids as ints: hashing a UUID object costs a Python call
@@ -165,17 +184,18 @@ def prepare_batch(events: Any) -> tuple[list[EventRow], list[bytes]]:
     for i, item in enumerate(events):
         if i >= MAX_BATCH:
             raise ValidationError("events", f"holds more than {MAX_BATCH} events; split the batch")
-        got = fast(item) if type(item) is dict else None
+        got = fast(item, False) if type(item) is dict else None
         if got is None:
             if not isinstance(item, Mapping):
                 raise ValidationError(f"events[{i}]", f"must be a mapping, got {type(item).__name__}")
             prefix = f"events[{i}]."
-            row = check_event(item, prefix)
+            row = _check_event(item, prefix, False)
             got = row, dump_payload(row[4], prefix + "payload")
         row = got[0]
-        first = first_of(row[0].int, i)
-        if first != i:
-            raise ValidationError(f"events[{i}].id", f"repeats the id of events[{first}]")
+        if row[0] is not None:  # ids generated later are new, and distinct
+            first = first_of(row[0].int, i)
+            if first != i:
+                raise ValidationError(f"events[{i}].id", f"repeats the id of events[{first}]")
         add_row(row)
         add_payload(got[1])
     return rows, payloads
@@ -183,11 +203,11 @@ def prepare_batch(events: Any) -> tuple[list[EventRow], list[bytes]]:
 
 def prepare_event(event: Mapping[str, Any]) -> tuple[EventRow, bytes]:
     """Validate one event as ``create`` does and serialise its payload (for ``insert_prepared``)."""
-    got = _fast_event(event) if type(event) is dict else None
-    if got is not None:
-        return got
-    row = check_event(event)
-    return row, dump_payload(row[4], "payload")
+    got = _fast_event(event, True) if type(event) is dict else None
+    if got is None:
+        row = _check_event(event, "", True)
+        got = row, dump_payload(row[4], "payload")
+    return cast(tuple[EventRow, bytes], got)  # its id is set (new=True)
 
 
 def dump_payload(value: Any, field: str) -> bytes:
@@ -229,8 +249,9 @@ _dumps = orjson.dumps
 _JSONError = orjson.JSONEncodeError
 
 
-def _fast_event(event: dict[str, Any]) -> tuple[EventRow, bytes] | None:
-    """``(check_event(event), dump_payload(...))`` for an event on the fast path, else None.
+def _fast_event(event: dict[str, Any], new: bool) -> tuple[PendingRow, bytes] | None:
+    """``(_check_event(event, "", new), dump_payload(...))`` for an event on the fast path, else
+    None.
 
     Accepts a subset of what ``check_event`` accepts and returns the same row: exact types only
     (no subclasses), ASCII texts, a timestamp whose tzinfo is UTC itself; anything else, valid or
@@ -295,11 +316,12 @@ def _fast_event(event: dict[str, Any]) -> tuple[EventRow, bytes] | None:
         return None
     event_id = get("id")
     if event_id is None:
-        event_id = new_id()
+        if new:
+            event_id = new_id()
     elif type(event_id) is not _UUID and (event_id := _uuid_or_slow(event_id)) is _SLOW:
         return None
     row = (event_id, sid, agent, typ, data, ts, corr, parent, entity_type, severity)
-    return row, text  # type: ignore[return-value]  # the checks above narrow every element
+    return row, text
 
 
 def _uuid_or_slow(value: Any) -> Any:

@@ -32,7 +32,7 @@ from dash_storage.core.errors import ValidationError
 from dash_storage.core.models import Event, EventStats, EventTypeStats, Severity
 from dash_storage.repositories.base import Repository
 from dash_storage.repositories.event_cursor import decode_cursor, encode_cursor
-from dash_storage.repositories.event_filters import check_filters, count_sql, select_sql
+from dash_storage.repositories.event_filters import EventFilters, check_filters, count_sql, select_sql
 from dash_storage.repositories.event_ingest import SELECT_EVENT_BY_ID, insert_one, insert_prepared
 from dash_storage.repositories.event_input import (
     EventFields,
@@ -41,7 +41,7 @@ from dash_storage.repositories.event_input import (
     prepare_batch,
 )
 from dash_storage.stream import cursors
-from dash_storage.stream.follow import Follower
+from dash_storage.stream.follow import Follower, FollowOptions
 
 __all__ = ["EventFields", "EventInput", "EventRepository"]
 
@@ -80,8 +80,9 @@ class EventRepository(Repository):
         """Append a batch, all or nothing; returns the events in input order, as stored.
 
         Each item is a mapping with the keyword arguments of ``create`` (see ``EventInput``). Every
-        item is validated before any SQL (errors name e.g. ``events[3].type``). Ids are generated up
-        front, so a retry after a lost connection returns each event exactly once. A batch of
+        item is validated before any SQL (errors name e.g. ``events[3].type``). An id not given is
+        generated before the event is first sent, and every retry after a lost connection sends
+        that one, so each event is stored exactly once. A batch of
         ``event_ingest.COPY_MIN_BATCH`` or more goes through binary COPY, a smaller one is one
         INSERT statement. Timestamps not given are the database's ``now()`` of the writing
         transaction. At most ``event_input.MAX_BATCH`` items. A missing swarm or agent fails the
@@ -149,22 +150,13 @@ class EventRepository(Repository):
         rows = await self.db.fetch(statement, *params, retry=True)
         return [Event(*r) for r in rows]
 
-    async def count(
-        self,
-        swarm_id: uuid.UUID | str | None = None,
-        agent_id: uuid.UUID | str | None = None,
-        types: Sequence[str] | None = None,
-        entity_type: str | None = None,
-        severity: str | None = None,
-        since: dt.datetime | None = None,
-        until: dt.datetime | None = None,
-    ) -> int:
+    async def count(self, **filters: Unpack[EventFilters]) -> int:
         """Number of events matching every given filter (the filters of ``find_by_filter``)."""
-        given = check_filters(swarm_id, agent_id, types, entity_type, severity, since, until)
+        given = check_filters(**filters)
         if given is None:
             return 0
-        filters, values = given
-        return int(await self.db.fetchval(count_sql(filters), *values, retry=True))
+        names, values = given
+        return int(await self.db.fetchval(count_sql(names), *values, retry=True))
 
     async def get_stats(self, hours: float | Decimal = 24) -> EventStats:
         """Events of the last ``hours`` (database clock): total, by type, by severity (every severity,
@@ -200,35 +192,14 @@ class EventRepository(Repository):
             swarm_id=_id(swarm_id, "swarm_id"), since=since, until=until, limit=limit, order="asc"
         )
 
-    def follow(
-        self,
-        *,
-        swarm_id: uuid.UUID | str | None = None,
-        types: Sequence[str] | None = None,
-        agent_id: uuid.UUID | str | None = None,
-        after: str | None = None,
-        from_start: bool = False,
-        batch_size: int = 1000,
-        poll_interval: float = 0.5,
-        listen: bool = True,
-    ) -> Follower:
+    def follow(self, **options: Unpack[FollowOptions]) -> Follower:
         """Every committed event exactly once, in commit-consistent order, as it commits.
 
         ``async with events.follow(...) as stream: async for event in stream: ...``; the stream's
         ``cursor`` (an opaque string) resumes right after the last event yielded. Starts from now,
         from the beginning (``from_start=True``), or after a cursor. See :class:`Follower`.
         """
-        return Follower(
-            self.db,
-            swarm_id=swarm_id,
-            types=types,
-            agent_id=agent_id,
-            after=after,
-            from_start=from_start,
-            batch_size=batch_size,
-            poll_interval=poll_interval,
-            listen=listen,
-        )
+        return Follower(self.db, **options)
 
     async def save_cursor(self, name: str, cursor: str) -> None:
         """Keep ``cursor`` in PostgreSQL under ``name`` (dash-db doctor shows how far behind it is)."""

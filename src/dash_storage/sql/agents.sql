@@ -107,19 +107,18 @@ RETURNING id, swarm_id, label, status, lifecycle_state, model, task, config, con
 
 -- name: transition
 -- Every guarded state change (update_status, update_lifecycle_state, pause, resume) in one
--- statement. The CTE locks the row and reads its current state, and the UPDATE applies only when
--- that state is an allowed source, so one round trip tells "missing" (no row) from "not allowed"
--- (cur_state, and NULL agent columns).
+-- statement: one UPDATE whose WHERE is the guard (the current state is an allowed source), so a
+-- change takes the row lock only when it applies, and after waiting for a concurrent change it is
+-- judged on that one's result. When it does not apply, the row's state (as of this statement's
+-- snapshot) tells "not allowed" from "missing". Always one row: cur_state (NULL when the change
+-- applied or the agent is missing), then the agent's columns (NULL unless the change applied).
 --   $1 agent; $2 whether the guard reads lifecycle_state (else status); $3 the allowed current
 --   states; $4 the new status (NULL keeps it); $5 the final statuses, when completed_at follows
 --   the new status (stamped once if it is one of them, else cleared; NULL leaves completed_at
 --   alone); $6 the new lifecycle state (NULL keeps it); $7 whether to set last_error to $8;
 --   $9 whether to set the pause marks: $10 is paused_by, and pause_time is now() with it, or
 --   both are cleared when $10 is NULL.
-WITH cur AS (
-    SELECT id AS cur_id, CASE WHEN $2::boolean THEN lifecycle_state ELSE status END AS cur_state
-    FROM agents WHERE id = $1 FOR UPDATE
-), upd AS (
+WITH upd AS (
     UPDATE agents SET
         status = COALESCE($4::text, status),
         completed_at = CASE
@@ -131,13 +130,18 @@ WITH cur AS (
         last_error = CASE WHEN $7::boolean THEN $8::text ELSE last_error END,
         pause_time = CASE WHEN NOT $9::boolean THEN pause_time WHEN $10::text IS NULL THEN NULL ELSE now() END,
         paused_by = CASE WHEN $9::boolean THEN $10::text ELSE paused_by END
-    FROM cur
-    WHERE id = cur_id AND (CASE WHEN $2::boolean THEN lifecycle_state ELSE status END) = ANY($3::text[])
+    WHERE id = $1 AND (CASE WHEN $2::boolean THEN lifecycle_state ELSE status END) = ANY($3::text[])
     RETURNING id, swarm_id, label, status, lifecycle_state, model, task, config, context, code,
               reasoning, safety_boundaries, spawned_at, updated_at, completed_at, pause_time, paused_by,
               runtime, retry_count, max_retries, last_error, budget_limit, metadata
 )
-SELECT cur_state, upd.* FROM cur LEFT JOIN upd ON true;
+SELECT cur.cur_state, upd.*
+FROM (SELECT 1) AS one
+LEFT JOIN upd ON true
+LEFT JOIN (
+    SELECT CASE WHEN $2::boolean THEN lifecycle_state ELSE status END AS cur_state
+    FROM agents WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM upd)
+) cur ON true;
 
 -- name: increment_retry
 -- Relative write (never retried): one more retry.

@@ -96,55 +96,45 @@ FROM budgets WHERE swarm_id = $1;
 -- name: consume
 -- The whole consume in one statement: $1 budget, $2 tokens, $3 cost, $4 idempotency key,
 -- $5 ledger id.
---   b      locks the budget row; after waiting for a concurrent consume it sees that one's
---          result (READ COMMITTED re-reads the newest row version), so the headroom check is exact.
---   prior  the ledger row of this key, if one was committed before this statement's snapshot.
---   led    writes the ledger row only if the key is new and the charge fits (unlimited tokens
---          still cannot pass bigint's range); the unique index catches a same-key charge
---          committed after the snapshot (then nothing is written).
---   upd    applies the charge to the counters only if the ledger row was written.
--- Answer: no row = no budget; else granted?, settled? (false = the row changed after our
--- snapshot, so a same-key charge may be hidden from `prior`: the caller looks the key up again),
--- the prior ledger row (id, tokens, cost) if any, and the budget (after the charge if granted).
-WITH b AS (
-    SELECT id, swarm_id, scope_type, scope_id, allocated, consumed, currency, max_tokens,
-           used_tokens, created_at, updated_at, xmin AS ver
-    FROM budgets WHERE id = $1::uuid FOR UPDATE
-),
-prior AS (
-    SELECT id, tokens, cost FROM budget_ledger WHERE budget_id = $1::uuid AND idempotency_key = $4::text
-),
-led AS (
-    INSERT INTO budget_ledger (id, budget_id, tokens, cost, idempotency_key)
-    SELECT $5::uuid, b.id, $2::bigint, $3::numeric, $4::text FROM b
-    WHERE NOT EXISTS (SELECT 1 FROM prior)
-      AND b.consumed + $3::numeric <= b.allocated
-      AND b.used_tokens::numeric + $2::bigint <= COALESCE(b.max_tokens, 9223372036854775807)
-    ON CONFLICT (budget_id, idempotency_key) DO NOTHING
-    RETURNING budget_id
+--   prior  the ledger row of this key, if one was committed before this statement's snapshot
+--          (dash_ledger_entries: the unique index, whatever the statistics).
+--   upd    one guarded UPDATE applies the charge only if the key is new and the charge fits
+--          (unlimited tokens still cannot pass bigint's range). A consume that is refused takes
+--          no row lock and writes nothing; one that waited for a concurrent consume is judged on
+--          that one's result (READ COMMITTED re-checks the newest row version).
+--   led    writes the ledger row of a granted charge. A same-key charge committed after the
+--          snapshot makes the unique index raise, which undoes the whole statement (the caller
+--          then asks again, and meets that charge as `prior`).
+-- Answer: no row = no budget; else granted?, settled? (always true: see consume_one), the prior
+-- ledger row (id, tokens, cost) if any, and the budget (after the charge if granted).
+WITH prior AS (
+    SELECT e.id, e.tokens, e.cost FROM dash_ledger_entries($1::uuid, ARRAY[$4::text]) e
 ),
 upd AS (
     UPDATE budgets
-    SET consumed = budgets.consumed + $3::numeric, used_tokens = budgets.used_tokens + $2::bigint
-    WHERE budgets.id IN (SELECT budget_id FROM led)
+    SET consumed = consumed + $3::numeric, used_tokens = used_tokens + $2::bigint
+    WHERE id = $1::uuid
+      AND consumed + $3::numeric <= allocated
+      AND used_tokens::numeric + $2::bigint <= COALESCE(max_tokens, 9223372036854775807)
+      AND NOT EXISTS (SELECT 1 FROM prior)
     RETURNING id, swarm_id, scope_type, scope_id, allocated, consumed, currency, max_tokens,
               used_tokens, created_at, updated_at
+),
+led AS (
+    INSERT INTO budget_ledger (id, budget_id, tokens, cost, idempotency_key)
+    SELECT $5::uuid, upd.id, $2::bigint, $3::numeric, $4::text FROM upd
+    RETURNING budget_id
 )
-SELECT r.granted,
-       r.granted OR r.ver = (SELECT s.xmin FROM budgets s WHERE s.id = $1::uuid) AS settled,
-       p.id, p.tokens, p.cost,
-       r.id, r.swarm_id, r.scope_type, r.scope_id, r.allocated, r.consumed, r.currency,
-       r.max_tokens, r.used_tokens, r.created_at, r.updated_at
-FROM (
-    SELECT true AS granted, NULL::xid AS ver, id, swarm_id, scope_type, scope_id, allocated,
-           consumed, currency, max_tokens, used_tokens, created_at, updated_at
-    FROM upd
-    UNION ALL
-    SELECT false, ver, id, swarm_id, scope_type, scope_id, allocated, consumed, currency,
-           max_tokens, used_tokens, created_at, updated_at
-    FROM b WHERE NOT EXISTS (SELECT 1 FROM upd)
-) r
-LEFT JOIN prior p ON true;
+SELECT true, true, NULL::uuid, NULL::bigint, NULL::numeric,
+       id, swarm_id, scope_type, scope_id, allocated, consumed, currency, max_tokens, used_tokens,
+       created_at, updated_at
+FROM upd
+UNION ALL
+SELECT false, true, p.id, p.tokens, p.cost,
+       b.id, b.swarm_id, b.scope_type, b.scope_id, b.allocated, b.consumed, b.currency,
+       b.max_tokens, b.used_tokens, b.created_at, b.updated_at
+FROM budgets b LEFT JOIN prior p ON true
+WHERE b.id = $1::uuid AND NOT EXISTS (SELECT 1 FROM upd);
 
 -- name: consume_batch
 -- A batch of consumes of ONE budget in one statement (budget_batcher.py). $1 budget; $2 tokens,
@@ -152,8 +142,8 @@ LEFT JOIN prior p ON true;
 -- (text[] needs no per-connection type introspection by asyncpg; the casts happen here).
 --   b      locks the budget row (see consume: after a wait it holds the newest version).
 --   req    one row per request, n = its position.
---   prior  the ledger row of each key that has one (an index lookup per key, never a scan of a
---          long ledger: LIMIT 1 keeps the lateral subquery from being flattened into a join).
+--   prior  the ledger row of each key that has one (dash_ledger_entries: the unique index, never
+--          a scan of a long ledger, whatever the statistics).
 --   arr    the amounts as arrays, MATERIALIZED so that the walk reads them once, not per step.
 --   walk   the greedy pass: step i grants request i (ok) if its key is new and its charge fits
 --          what the grants before it left; a request that does not fit charges nothing. Tokens
@@ -178,11 +168,8 @@ req AS (
     FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) WITH ORDINALITY AS k(tok, cost, key, lid, n)
 ),
 prior AS (
-    SELECT r.n, p.id, p.tokens, p.cost
-    FROM req r CROSS JOIN LATERAL (
-        SELECT l.id, l.tokens, l.cost FROM budget_ledger l
-        WHERE l.budget_id = $1::uuid AND l.idempotency_key = r.key LIMIT 1
-    ) p
+    SELECT r.n, e.id, e.tokens, e.cost
+    FROM dash_ledger_entries($1::uuid, $4::text[]) e JOIN req r ON r.key = e.idempotency_key
 ),
 arr AS MATERIALIZED (
     SELECT array_agg(r.tok ORDER BY r.n) AS tok, array_agg(r.cost ORDER BY r.n) AS cost,
@@ -238,9 +225,8 @@ FROM b LEFT JOIN upd u ON true;
 
 -- name: ledger_by_key
 -- The ledger row of one idempotency key (the rare path of a consume racing a same-key consume).
-SELECT id, tokens, cost FROM budget_ledger WHERE budget_id = $1 AND idempotency_key = $2;
+SELECT id, tokens, cost FROM dash_ledger_entries($1::uuid, ARRAY[$2::text]);
 
 -- name: ledger_by_keys
 -- The ledger rows of several keys (the rare path of a batch racing same-key consumes elsewhere).
-SELECT idempotency_key, id, tokens, cost FROM budget_ledger
-WHERE budget_id = $1 AND idempotency_key = ANY($2::text[]);
+SELECT idempotency_key, id, tokens, cost FROM dash_ledger_entries($1::uuid, $2::text[]);

@@ -19,31 +19,32 @@ RETURNING id, swarm_id, agent_id, type, payload, "timestamp", correlation_id, pa
 
 -- name: insert_events
 -- A batch as one statement over parallel arrays, first attempt: an existing id fails the whole
--- batch (all or nothing). Every array is text[] (cast per column here): asyncpg knows text[]
--- natively, while uuid[] or timestamptz[] parameters cost each new connection a type-introspection
--- round trip on first use. The same as insert_events_retry but for its ON CONFLICT clause.
-INSERT INTO events (id, swarm_id, agent_id, type, payload, "timestamp", correlation_id,
-                    parent_event_id, entity_type, severity)
-SELECT u.id::uuid, u.swarm_id::uuid, u.agent_id::uuid, u.type, u.payload::jsonb,
-       COALESCE(u.ts::timestamptz, now()), u.correlation_id, u.parent_event_id::uuid,
-       u.entity_type, u.severity
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-            $7::text[], $8::text[], $9::text[], $10::text[])
-     AS u(id, swarm_id, agent_id, type, payload, ts, correlation_id, parent_event_id,
-          entity_type, severity)
-RETURNING id, swarm_id, agent_id, type, payload, "timestamp", correlation_id, parent_event_id,
-          entity_type, severity;
+-- batch (all or nothing). It hands back only now(), the clock of the writing transaction that
+-- every timestamp left out gets: the caller knows every other value, it sent them. Ids and
+-- timestamps go as uuid[] / timestamptz[] (binary: asyncpg looks these array types up once per
+-- connection, and each row then costs the server no text parsing), texts and payloads as text[].
+-- The INSERT is that of insert_events_retry but for its ON CONFLICT and RETURNING clauses.
+WITH written AS (
+    INSERT INTO events (id, swarm_id, agent_id, type, payload, "timestamp", correlation_id,
+                        parent_event_id, entity_type, severity)
+    SELECT u.id, u.swarm_id, u.agent_id, u.type, u.payload::jsonb, COALESCE(u.ts, now()),
+           u.correlation_id, u.parent_event_id, u.entity_type, u.severity
+    FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[],
+                $7::text[], $8::uuid[], $9::text[], $10::text[])
+         AS u(id, swarm_id, agent_id, type, payload, ts, correlation_id, parent_event_id,
+              entity_type, severity)
+)
+SELECT now();
 
 -- name: insert_events_retry
 -- The batch insert on a retry attempt: rows written by the attempt whose answer was lost are
--- skipped (and read back by select_events_by_ids). Otherwise the same as insert_events.
+-- skipped (and read back by select_events_by_ids); the rows written are handed back.
 INSERT INTO events (id, swarm_id, agent_id, type, payload, "timestamp", correlation_id,
                     parent_event_id, entity_type, severity)
-SELECT u.id::uuid, u.swarm_id::uuid, u.agent_id::uuid, u.type, u.payload::jsonb,
-       COALESCE(u.ts::timestamptz, now()), u.correlation_id, u.parent_event_id::uuid,
-       u.entity_type, u.severity
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-            $7::text[], $8::text[], $9::text[], $10::text[])
+SELECT u.id, u.swarm_id, u.agent_id, u.type, u.payload::jsonb, COALESCE(u.ts, now()),
+       u.correlation_id, u.parent_event_id, u.entity_type, u.severity
+FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[],
+            $7::text[], $8::uuid[], $9::text[], $10::text[])
      AS u(id, swarm_id, agent_id, type, payload, ts, correlation_id, parent_event_id,
           entity_type, severity)
 ON CONFLICT (id) DO NOTHING

@@ -8,8 +8,10 @@
 -- row with NULL position when the page is empty; every row carries the mark and whether rows
 -- exist above it (a transaction still open holds them back).
 WITH mark AS MATERIALIZED (
-    SELECT m.xmin, EXISTS (SELECT 1 FROM events h WHERE h.tx_id >= m.xmin) AS held
-    FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin) m
+    SELECT m.xmin, m.horizon,
+           COALESCE((SELECT h.tx_id FROM events h ORDER BY h.tx_id DESC LIMIT 1) >= m.xmin, false) AS held
+    FROM (SELECT pg_snapshot_xmin(s) AS xmin, pg_snapshot_xmax(s) AS horizon
+          FROM pg_current_snapshot() s) m
 ), page AS MATERIALIZED (
     SELECT e.tx_id, e.seq, e.id, e.swarm_id, e.agent_id, e.type, e.payload, e."timestamp",
            e.correlation_id, e.parent_event_id, e.entity_type, e.severity,
@@ -24,6 +26,7 @@ WITH mark AS MATERIALIZED (
 )
 SELECT mark.xmin::text AS mark,
        mark.held,
+       mark.horizon::text AS horizon,
        p.tx_id::text AS tx_id, p.seq, p.wanted,
        CASE WHEN p.wanted THEN p.id END AS id,
        CASE WHEN p.wanted THEN p.swarm_id END AS swarm_id,
@@ -41,8 +44,10 @@ ORDER BY p.tx_id, p.seq;
 -- name: page_all
 -- The same page with no filter: every row is wanted, so nothing needs blanking.
 WITH mark AS MATERIALIZED (
-    SELECT m.xmin, EXISTS (SELECT 1 FROM events h WHERE h.tx_id >= m.xmin) AS held
-    FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin) m
+    SELECT m.xmin, m.horizon,
+           COALESCE((SELECT h.tx_id FROM events h ORDER BY h.tx_id DESC LIMIT 1) >= m.xmin, false) AS held
+    FROM (SELECT pg_snapshot_xmin(s) AS xmin, pg_snapshot_xmax(s) AS horizon
+          FROM pg_current_snapshot() s) m
 ), page AS MATERIALIZED (
     SELECT e.tx_id, e.seq, e.id, e.swarm_id, e.agent_id, e.type, e.payload, e."timestamp",
            e.correlation_id, e.parent_event_id, e.entity_type, e.severity
@@ -52,7 +57,8 @@ WITH mark AS MATERIALIZED (
     ORDER BY e.tx_id, e.seq
     LIMIT $3
 )
-SELECT mark.xmin::text AS mark, mark.held, p.tx_id::text AS tx_id, p.seq, true AS wanted,
+SELECT mark.xmin::text AS mark, mark.held, mark.horizon::text AS horizon,
+       p.tx_id::text AS tx_id, p.seq, true AS wanted,
        p.id, p.swarm_id, p.agent_id, p.type, p.payload, p."timestamp", p.correlation_id,
        p.parent_event_id, p.entity_type, p.severity
 FROM mark LEFT JOIN page p ON true
@@ -90,13 +96,20 @@ FROM (
 ) behind;
 
 -- name: oldest_open_transaction
--- The open transaction that holds the mark back the longest (it has a transaction id): how long
--- it has been open, who runs it and what it last ran. Any database of the server counts.
-SELECT now() - xact_start AS age, pid, datname, usename, application_name, state,
-       left(query, 200) AS query
-FROM pg_stat_activity
-WHERE backend_xid IS NOT NULL AND xact_start IS NOT NULL
-ORDER BY xact_start
+-- The transaction that holds the mark back: the running one with the oldest transaction id
+-- (anywhere on the server), or a prepared transaction left behind (PREPARE TRANSACTION), which
+-- pg_stat_activity does not show.
+SELECT * FROM (
+    SELECT now() - xact_start AS age, pid, datname, usename, application_name, state,
+           left(query, 200) AS query, age(backend_xid) AS xid_age
+    FROM pg_stat_activity
+    WHERE backend_xid IS NOT NULL
+    UNION ALL
+    SELECT now() - prepared, NULL, database, owner::text, 'prepared transaction ' || gid,
+           'prepared', NULL, age(transaction)
+    FROM pg_prepared_xacts
+) holders
+ORDER BY xid_age DESC
 LIMIT 1;
 
 -- name: now

@@ -14,7 +14,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, TypedDict
 
 import asyncpg
 
@@ -25,7 +25,7 @@ from dash_storage.core.errors import DashStorageError, ValidationError
 from dash_storage.core.models import Event
 from dash_storage.stream.position import BEGINNING, Position, decode, encode
 
-__all__ = ["CHANNEL", "HORIZON_SQL", "Follower", "Page"]
+__all__ = ["CHANNEL", "HORIZON_SQL", "FollowOptions", "Follower", "Page"]
 
 log = logging.getLogger("dash_storage.stream")
 
@@ -36,6 +36,8 @@ PAGE_ALL_SQL: Final = _Q["page_all"]
 MARK_SQL: Final = _Q["mark"]
 HORIZON_SQL: Final = _Q["horizon"]
 
+# The columns of an event in a page row (after mark, held, horizon, tx_id, seq, wanted).
+_EVENT_COLUMNS = slice(6, 16)
 _FIRST_REPOLL = 0.002  # while an open transaction holds rows back: re-read soon, then less often
 
 
@@ -49,6 +51,19 @@ class Page(list[Event]):
         self.end = end
         self.cursor = encode(end)
         self.mark = mark
+
+
+class FollowOptions(TypedDict, total=False):
+    """The keyword arguments of :class:`Follower` after ``db`` (see there; each may be left out)."""
+
+    swarm_id: uuid.UUID | str | None
+    types: Sequence[str] | None
+    agent_id: uuid.UUID | str | None
+    after: str | None
+    from_start: bool
+    batch_size: int
+    poll_interval: float
+    listen: bool
 
 
 class Follower:
@@ -99,6 +114,7 @@ class Follower:
         self._woken = asyncio.Event()
         self._listener: asyncpg.Connection[Record] | None = None
         self._closed = False
+        self._managed = False  # inside ``async with``: the block closes it, not the iteration
         self.listening = False  # whether notifications currently wake this follower
 
     # -- position -----------------------------------------------------------------------------
@@ -113,6 +129,7 @@ class Follower:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Follower:
+        self._managed = True
         await self.start()
         return self
 
@@ -152,6 +169,12 @@ class Follower:
             log.info("follower polls: LISTEN is not available (%s)", exc)
             con.terminate()
             return
+        except BaseException:  # cancelled half-way: the connection must not leak
+            con.terminate()
+            raise
+        if self._closed:  # closed while the connection was being opened
+            con.terminate()
+            return
         con.add_termination_listener(self._listener_lost)
         self._listener = con
         self.listening = True
@@ -187,6 +210,13 @@ class Follower:
             )
         mark = int(rows[0]["mark"])
         held = bool(rows[0]["held"])
+        if pos.tx_id >= int(rows[0]["horizon"]):
+            raise DashStorageError(
+                f"the cursor is ahead of this server's transactions (position {pos.tx_id}, next "
+                f"transaction {rows[0]['horizon']}): it comes from another database history (a "
+                "restore, a failover that lost writes, an upgrade by dump). Follow from_start=True "
+                "or from now, and save the new cursor"
+            )
         events: list[Event] = []
         positions: list[Position] = []
         scanned = 0
@@ -197,7 +227,7 @@ class Follower:
             scanned += 1
             last = Position(int(r["tx_id"]), r["seq"])
             if r["wanted"]:
-                events.append(Event(r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12], r[13], r[14]))
+                events.append(Event(*r[_EVENT_COLUMNS]))
                 positions.append(last)
         full = scanned >= self._batch
         end = last if full else max(last, Position.before_mark(mark))
@@ -209,23 +239,27 @@ class Follower:
         if self._position is None or (self._listen and self._listener is None and not self._closed):
             await self.start()
         repoll = _FIRST_REPOLL
-        while not self._closed:
-            self._woken.clear()
-            page, full, held = await self.read_page()
-            if page:
-                yield page
-            if full:
-                continue
-            if held:
-                # An open transaction holds rows back; a transaction that wrote no events sends no
-                # notification when it ends, so look again soon, then less and less often.
-                await self._wait(repoll)
-                repoll = min(repoll * 2, self._poll)
-            else:
-                repoll = _FIRST_REPOLL
-                if self._listen and self._listener is None:
-                    await self._open_listener()
-                await self._wait(self._poll)
+        try:
+            while not self._closed:
+                self._woken.clear()
+                page, full, held = await self.read_page()
+                if page:
+                    yield page
+                if full:
+                    continue
+                if held:
+                    # An open transaction holds rows back; a transaction that wrote no events sends
+                    # no notification when it ends, so look again soon, then less and less often.
+                    await self._wait(repoll)
+                    repoll = min(repoll * 2, self._poll)
+                else:
+                    repoll = _FIRST_REPOLL
+                    if self._listen and self._listener is None:
+                        await self._open_listener()
+                    await self._wait(self._poll)
+        finally:
+            if not self._managed:  # iterated without ``async with``: nothing else closes it
+                await self.close()
 
     async def _wait(self, timeout: float) -> None:
         try:

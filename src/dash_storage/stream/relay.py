@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -38,6 +39,8 @@ log = logging.getLogger("dash_storage.relay")
 
 _PREFIX = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _MAX_BACKOFF: Final = 5.0
+#: How long ``run(once=True)`` waits for a Redis that is unavailable before it fails.
+ONCE_PATIENCE: Final = 30.0
 
 
 class RelayError(DashStorageError):
@@ -81,13 +84,14 @@ def _entry(event: Event, cursor: str) -> bytes:
 # pipeline of single XADDs costs the client far more per event than Redis spends on it. An id that
 # is not above the stream's top item is refused by XADD; that is a replay of an entry Redis already
 # has, and is counted, not written. Any other refusal stops the script with its error.
-# KEYS: the all-swarms stream, then each event's swarm stream. ARGV: maxlen (0 = none), then per
-# event its entry id, type and JSON document.
+# KEYS: the all-swarms stream, then each event's swarm stream. ARGV: maxlen (0 = none), the page's
+# mark (as decimal text), then per event its entry id, type and JSON document.
 _WRITE_PAGE = """
 local maxlen = tonumber(ARGV[1])
+local mark = ARGV[2]
 local written, replayed = 0, 0
 for i = 2, #KEYS do
-  local at = 2 + (i - 2) * 3
+  local at = 3 + (i - 2) * 3
   local id, kind, doc = ARGV[at], ARGV[at + 1], ARGV[at + 2]
   local fresh = false
   for _, key in ipairs({KEYS[1], KEYS[i]}) do
@@ -100,6 +104,16 @@ for i = 2, #KEYS do
     if type(r) == 'table' and r.err then
       if not string.find(r.err, 'equal or smaller', 1, true) then
         return redis.error_reply(r.err)
+      end
+      -- A replay: Redis already has this entry or a later one this relay wrote before. Every
+      -- entry this relay can write has a transaction id below the mark (ARGV[2]); a top entry
+      -- at or above it was written by someone else (another writer, or a database restored
+      -- from an older point), and skipping past it would lose events silently.
+      local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+      local tx = string.match(top[1][1], '^(%d+)-')
+      if #tx > #mark or (#tx == #mark and tx >= mark) then
+        return redis.error_reply('DASHRELAY stream ' .. key .. ' holds entry ' .. top[1][1] ..
+          ', which this relay did not write; use another --prefix or clear the stream')
       end
     else
       fresh = true
@@ -146,6 +160,7 @@ class Relay:
         self.stats = RelayStats()
         self._redis: aioredis.Redis | None = None
         self._script: Any = None
+        self._give_up_after: float | None = None
 
     @property
     def cursor_name(self) -> str:
@@ -186,6 +201,8 @@ class Relay:
             poll_interval=self.poll_interval,
             listen=not once,
         )
+        # A one-off run gives up on a Redis that stays away; a running relay waits for it.
+        self._give_up_after = ONCE_PATIENCE if once else None
         ahead: asyncio.Queue[Page | None] = asyncio.Queue(maxsize=2)
         try:
             async with follower:
@@ -195,7 +212,8 @@ class Relay:
                         page = await _get_or_stop(ahead, reader, stop)
                         if page is None:
                             break
-                        await self._deliver(page, stop)
+                        if not await self._deliver(page, stop):
+                            break
                 finally:
                     reader.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -226,9 +244,11 @@ class Relay:
             await asyncio.sleep(wait)
             wait = min(wait * 2, self.poll_interval)
 
-    async def _deliver(self, page: Page, stop: asyncio.Event | None) -> None:
-        """Write ``page`` to Redis (retrying while Redis is away), then save the cursor."""
+    async def _deliver(self, page: Page, stop: asyncio.Event | None) -> bool:
+        """Write ``page`` to Redis (retrying while Redis is away), then save the cursor. False when
+        ``stop`` was set while Redis was away (nothing saved: the page is relayed next time)."""
         backoff = 0.1
+        away_since: float | None = None
         while True:
             try:
                 await self._write(page)
@@ -239,23 +259,34 @@ class Relay:
                 if not _redis_unavailable(exc):
                     raise
                 self.stats.redis_outages += 1
+                now = time.monotonic()
+                away_since = now if away_since is None else away_since
+                if self._give_up_after is not None and now - away_since > self._give_up_after:
+                    raise RelayError(
+                        f"Redis at REDIS_URL was unavailable for {self._give_up_after:.0f} s: {exc}"
+                    ) from exc
                 log.warning("redis unavailable (%s); relay waits %.1fs", type(exc).__name__, backoff)
                 if stop is not None and stop.is_set():
-                    raise RelayError("stopped while Redis was unavailable") from exc
-                await asyncio.sleep(backoff)
+                    return False
+                if stop is None:
+                    await asyncio.sleep(backoff)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
                 if self._redis is not None:
                     await self.close()
         await save_cursor(self.db, self.cursor_name, page.cursor)
         self.stats.cursor = page.cursor
         self.stats.batches += 1
+        return True
 
     async def _write(self, page: Page) -> None:
         client = await self._client()
         if self._script is None:
             self._script = client.register_script(_WRITE_PAGE)
         keys = [self.keys.all]
-        args: list[Any] = [self.maxlen]
+        args: list[Any] = [self.maxlen, str(page.mark)]
         for event, pos in zip(page, page.positions, strict=True):
             keys.append(self.keys.swarm(event.swarm_id))
             args += [pos.redis_id(), event.type, _entry(event, encode(pos))]
@@ -264,6 +295,10 @@ class Relay:
         except Exception as exc:
             if _redis_unavailable(exc):
                 raise
+            if "AuthenticationError" in type(exc).__name__:
+                raise ConfigurationError(
+                    f"REDIS_URL: Redis refused the login: {exc}", variable="REDIS_URL"
+                ) from exc
             raise RelayError(f"redis refused a stream write: {exc}") from exc
         self.stats.relayed += int(written)
         self.stats.replayed += int(replayed)
@@ -295,8 +330,17 @@ async def _get_or_stop(
 
 
 def _redis_unavailable(exc: BaseException) -> bool:
+    """Redis cannot take writes right now but may soon: down, loading, read-only after a failover,
+    busy with a script, out of memory. A bad password or an unknown command is not such a case."""
     try:
-        from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+        from redis import exceptions as rx
     except ImportError:  # pragma: no cover
         return False
-    return isinstance(exc, ConnectionError | TimeoutError | BusyLoadingError | OSError)
+    if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError):
+        return False
+    if isinstance(
+        exc, rx.ConnectionError | rx.TimeoutError | rx.BusyLoadingError | rx.ReadOnlyError | OSError
+    ):
+        return True
+    text = str(exc)
+    return isinstance(exc, rx.ResponseError) and text.startswith(("OOM", "BUSY", "TRYAGAIN", "CLUSTERDOWN"))
