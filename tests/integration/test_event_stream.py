@@ -272,7 +272,7 @@ async def test_polling_without_notifications_delivers_too(db: Database) -> None:
 async def test_a_page_is_one_ordered_index_range_on_a_big_log(db: Database) -> None:
     """The follower's page reads the stream index in order (no sort of the log, no scan of it),
     also under the generic plan a prepared statement ends up with."""
-    from dash_storage import sql
+    from dash_storage.stream import follow
 
     swarm = await make_swarm(db, "streamed")
     async with db.acquire() as con:
@@ -286,7 +286,7 @@ async def test_a_page_is_one_ordered_index_range_on_a_big_log(db: Database) -> N
             args = "'0', 0, 500" + (", NULL, NULL, NULL" if name == "page" else "")
             await con.execute("SET plan_cache_mode = force_generic_plan")
             try:
-                await con.execute(f"PREPARE stream_page AS {sql.load('stream')[name]}")
+                await con.execute(f"PREPARE stream_page AS {follow.statements()[name]}")
                 rows = await con.fetch(f"EXPLAIN EXECUTE stream_page({args})")
             finally:
                 await con.execute("DEALLOCATE stream_page")

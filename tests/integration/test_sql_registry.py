@@ -39,6 +39,7 @@ COMPOSERS = {
     "budgets": "dash_storage.repositories.budgets",
     "sessions": "dash_storage.repositories.sessions",
     "swarms": "dash_storage.repositories.swarms",
+    "stream": "dash_storage.stream.follow",
 }
 #: The records built positionally from rows, with their fields in order.
 RECORDS: dict[str, tuple[str, ...]] = {

@@ -286,10 +286,12 @@ class Database:
             con = await self._checkout(pool)
             if not driver.gone_while_idle(con):
                 return con
-        log.debug("pooled connection was closed by the server while idle; replacing it")
         discard(con)
         await release(pool, con)
-        return await self._checkout(pool)
+        raise ConnectionLostError(
+            f"every pooled connection tried ({self._replay_limit + 1}) had been closed by the server; "
+            "nothing was sent"
+        )
 
     async def _checkout(self, pool: asyncpg.Pool) -> Connection:
         if driver.idle_count(pool):

@@ -1,18 +1,22 @@
 -- The event log read as a stream: rows in (tx_id, seq) order, below the mark of finished
 -- transactions (see the event_stream migration for why that gives no gap and no duplicate).
 
--- name: page
--- One page of the stream after position ($1 tx_id as text, $2 seq), below the mark, in stream
--- order, up to $3 rows. Filters ($4 swarm, $5 types, $6 agent; NULL = any) only blank the
--- columns of rows that are not wanted, so the reader still learns how far it has scanned. One
--- row with NULL position when the page is empty; every row carries the mark and whether rows
--- exist above it (a transaction still open holds them back).
+-- name: part_mark
+-- The mark (every transaction with a smaller id has finished), the next transaction id, and whether
+-- rows exist at or above the mark (a transaction still open holds them back). Starts a page query.
 WITH mark AS MATERIALIZED (
     SELECT m.xmin, m.horizon,
            COALESCE((SELECT h.tx_id FROM events h ORDER BY h.tx_id DESC LIMIT 1) >= m.xmin, false) AS held
     FROM (SELECT pg_snapshot_xmin(s) AS xmin, pg_snapshot_xmax(s) AS horizon
           FROM pg_current_snapshot() s) m
-), page AS MATERIALIZED (
+)
+
+-- name: part_page
+-- One page of the stream after position ($1 tx_id as text, $2 seq), below the mark, in stream
+-- order, up to $3 rows. Filters ($4 swarm, $5 types, $6 agent; NULL = any) only blank the
+-- columns of rows that are not wanted, so the reader still learns how far it has scanned. One
+-- row with NULL position when the page is empty; every row carries the mark.
+, page AS MATERIALIZED (
     SELECT e.tx_id, e.seq, e.id, e.swarm_id, e.agent_id, e.type, e.payload, e."timestamp",
            e.correlation_id, e.parent_event_id, e.entity_type, e.severity,
            ($4::uuid IS NULL OR e.swarm_id = $4::uuid)
@@ -39,16 +43,11 @@ SELECT mark.xmin::text AS mark,
        CASE WHEN p.wanted THEN p.entity_type END AS entity_type,
        CASE WHEN p.wanted THEN p.severity END AS severity
 FROM mark LEFT JOIN page p ON true
-ORDER BY p.tx_id, p.seq;
+ORDER BY p.tx_id, p.seq
 
--- name: page_all
+-- name: part_page_all
 -- The same page with no filter: every row is wanted, so nothing needs blanking.
-WITH mark AS MATERIALIZED (
-    SELECT m.xmin, m.horizon,
-           COALESCE((SELECT h.tx_id FROM events h ORDER BY h.tx_id DESC LIMIT 1) >= m.xmin, false) AS held
-    FROM (SELECT pg_snapshot_xmin(s) AS xmin, pg_snapshot_xmax(s) AS horizon
-          FROM pg_current_snapshot() s) m
-), page AS MATERIALIZED (
+, page AS MATERIALIZED (
     SELECT e.tx_id, e.seq, e.id, e.swarm_id, e.agent_id, e.type, e.payload, e."timestamp",
            e.correlation_id, e.parent_event_id, e.entity_type, e.severity
     FROM events e
@@ -62,7 +61,7 @@ SELECT mark.xmin::text AS mark, mark.held, mark.horizon::text AS horizon,
        p.id, p.swarm_id, p.agent_id, p.type, p.payload, p."timestamp", p.correlation_id,
        p.parent_event_id, p.entity_type, p.severity
 FROM mark LEFT JOIN page p ON true
-ORDER BY p.tx_id, p.seq;
+ORDER BY p.tx_id, p.seq
 
 -- name: mark
 -- The current mark: every transaction with a smaller id has finished.

@@ -31,8 +31,9 @@ log = logging.getLogger("dash_storage.stream")
 
 CHANNEL: Final = "dash_events"
 _Q = sql.load("stream")
-PAGE_SQL: Final = _Q["page"]
-PAGE_ALL_SQL: Final = _Q["page_all"]
+# A page query is the mark, then the page read below it: with filters, or (cheaper) without.
+PAGE_SQL: Final = f"{_Q['part_mark']}\n{_Q['part_page']}"
+PAGE_ALL_SQL: Final = f"{_Q['part_mark']}\n{_Q['part_page_all']}"
 MARK_SQL: Final = _Q["mark"]
 HORIZON_SQL: Final = _Q["horizon"]
 
@@ -276,6 +277,11 @@ class Follower:
                 self._position = pos
                 yield event
             self._position = page.end
+
+
+def statements() -> dict[str, str]:
+    """The page queries composed from ``sql/stream.sql``'s fragments, by name."""
+    return {"page": PAGE_SQL, "page_all": PAGE_ALL_SQL}
 
 
 def _check_types(types: Sequence[str] | None) -> list[str] | None:
