@@ -20,6 +20,9 @@ BENCHES = {
     "queries": "bench.queries",
     "ingest": "bench.ingest",
     "stream": "bench.stream",
+    "single-row": "bench.repositories:run_single_row",
+    "budget-exhausted": "bench.hot_budget:run_exhausted",
+    "budget-growth": "bench.hot_budget:run_growth",
 }
 DOC = ROOT / "BENCHMARKS.md"
 HEADER = """# Benchmarks
@@ -46,9 +49,10 @@ def main(argv: list[str]) -> None:
     for name in names:
         if name not in BENCHES:
             raise SystemExit(f"unknown benchmark {name!r}; choose from {', '.join(BENCHES)}")
-        module = importlib.import_module(BENCHES[name])
+        target, _, function = BENCHES[name].partition(":")
+        module = importlib.import_module(target)
         print(f"== {name}", flush=True)
-        text = run(module.run())
+        text = run(getattr(module, function or "run")())
         write_section(name, text)
         print(text)
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench ingest                         # full size, rewrites its section
     .venv/bin/python bench/ingest.py --events 20000          # prints the section, other sizes
+    .venv/bin/python bench/ingest.py --parts bulk --rounds 11 # only create_many(1000) against COPY
 
 1. 64 concurrent producers, each creating events one at a time (awaiting each, as agents do):
    - ``EventWriter.create`` (validation, shared batches, one commit per batch);

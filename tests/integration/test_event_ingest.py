@@ -617,3 +617,24 @@ async def test_copy_batches_with_generated_ids_under_a_connection_kill_loop_are_
     assert killed[0] > 0 and returned
     assert all(total == distinct for total, distinct in stored.values())
     print(f"\n{killed[0]} terminated; {returned} batches returned, {raised} raised")
+
+
+async def test_a_small_batch_keeps_every_optional_field_whether_set_in_some_rows_or_none(
+    db: Database,
+) -> None:
+    swarm = await make_swarm(db)
+    agent = await make_agent(db, swarm)
+    repo = EventRepository(db)
+    at = dt.datetime(2026, 5, 4, 3, 2, 1, 123456, tzinfo=UTC)
+    sparse: list[dict[str, Any]] = [{"swarm_id": swarm, "type": f"s{i}"} for i in range(6)]
+    sparse[2] |= {"agent_id": agent, "timestamp": at, "correlation_id": "c", "parent_event_id": new_id()}
+    bare = [{"swarm_id": swarm, "type": f"b{i}"} for i in range(6)]
+    for items in (sparse, bare):
+        created = await repo.create_many(items)
+        assert_same_events(await stored_events(db, [e.id for e in created]), created)
+        for item, event in zip(items, created, strict=True):
+            assert event.agent_id == item.get("agent_id")
+            assert event.correlation_id == item.get("correlation_id")
+            assert event.parent_event_id == item.get("parent_event_id")
+            assert "timestamp" not in item or event.timestamp == at
+    assert await db.fetchval("SELECT count(*) FROM events") == 12

@@ -54,6 +54,9 @@ SELECT_EVENTS_BY_IDS = _Q["select_events_by_ids"]
 SELECT_NOW = _Q["select_now"]
 SELECT_MISSING_PARENT = {"swarm": _Q["select_missing_swarm"], "agent": _Q["select_missing_agent"]}
 _PRIMARY_KEY = "events_pkey"
+# The columns of a batch that are often NULL throughout: agent_id, timestamp, correlation_id and
+# parent_event_id (positions in EventRow).
+_OPTIONAL_COLUMNS = (2, 5, 6, 7)
 
 
 async def insert_one(db: Database, row: EventRow) -> Event:
@@ -154,7 +157,12 @@ async def _insert_attempt(
     """One INSERT over parallel arrays (see insert_events in sql/events.sql), which hands back the
     writing transaction's now() on a first attempt, the rows it wrote on a retry."""
     rows = _with_ids(pending, 0, len(pending))
-    columns: list[Sequence[Any]] = list(zip(*rows, strict=True))  # the rows' fields, column by column
+    # The rows' fields column by column; one that is NULL throughout goes as NULL, which unnest()
+    # pads with NULLs, sparing asyncpg an array to encode (it inspects every element).
+    columns: list[Sequence[Any] | None] = [
+        None if i in _OPTIONAL_COLUMNS and all(v is None for v in column) else column
+        for i, column in enumerate(zip(*rows, strict=True))
+    ]
     columns[4] = [payload_json(p).decode() for p in payloads]
     if attempt == 1:
         return _as_stored(rows, payloads, await con.fetchval(INSERT_EVENTS, *columns))

@@ -23,7 +23,8 @@ RETURNING id, swarm_id, agent_id, type, payload, "timestamp", correlation_id, pa
 -- every timestamp left out gets: the caller knows every other value, it sent them. Ids and
 -- timestamps go as uuid[] / timestamptz[] (binary: asyncpg looks these array types up once per
 -- connection, and each row then costs the server no text parsing), texts and payloads as text[].
--- The INSERT is that of insert_events_retry but for its ON CONFLICT and RETURNING clauses.
+-- An array may be NULL instead of all NULLs: unnest() pads it with NULLs. The INSERT is that of
+-- insert_events_retry but for its ON CONFLICT and RETURNING clauses.
 WITH written AS (
     INSERT INTO events (id, swarm_id, agent_id, type, payload, "timestamp", correlation_id,
                         parent_event_id, entity_type, severity)
