@@ -188,3 +188,17 @@ async def test_a_stream_with_entries_the_relay_did_not_write_is_refused_not_skip
     with pytest.raises(RelayError, match="did not write"):
         await Relay(db, redis_server.url).run(once=True)
     assert await load_cursor(db, "relay:redis") is None  # nothing counted as relayed
+
+
+async def test_types_with_spaces_and_any_letters_arrive_whole(
+    db: Database, redis_server: RedisServer, rclient: aioredis.Redis
+) -> None:
+    swarm = await make_swarm(db, "typed")
+    kinds = ["agent step 1", "réponse reçue", "a  b", "x"]
+    await EventRepository(db).create_many(
+        [{"swarm_id": swarm, "type": k, "payload": {"k": k}} for k in kinds]
+    )
+    await Relay(db, redis_server.url).run(once=True)
+    entries = await rclient.xrange("dash:events")
+    assert [fields["type"] for _id, fields in entries] == kinds
+    assert [orjson.loads(fields["event"])["payload"]["k"] for _id, fields in entries] == kinds
