@@ -38,7 +38,7 @@ from dash_storage import EventRepository, EventWriter
 from dash_storage.core.database import Database
 from dash_storage.core.ids import new_id
 from dash_storage.stream import Follower, Relay
-from dash_storage.stream.relay import _entry
+from dash_storage.stream.relay import entry_document
 
 WITHOUT_STREAM = """
 DROP TRIGGER events_notify ON events;
@@ -173,7 +173,7 @@ async def relay_speed(db: Database, n: int) -> tuple[float, float, str]:
         for page in pages:
             pipe = client.pipeline(transaction=False)
             for event, pos in zip(page, page.positions, strict=True):
-                fields: Any = {"type": event.type, "event": _entry(event, page.cursor)}
+                fields: Any = {"type": event.type, "event": entry_document(event, page.cursor)}
                 pipe.xadd(f"{prefix}-raw:events", fields, id=pos.redis_id())
                 pipe.xadd(f"{prefix}-raw:events:{event.swarm_id}", fields, id=pos.redis_id())
             await pipe.execute()

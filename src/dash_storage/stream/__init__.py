@@ -2,7 +2,7 @@
 
 from dash_storage.stream.cursors import CursorLag, list_cursors, load_cursor, save_cursor
 from dash_storage.stream.follow import Follower, Page
-from dash_storage.stream.relay import Relay, RelayError, RelayStats, stream_keys
+from dash_storage.stream.relay import Relay, RelayError, RelayStats
 
 __all__ = [
     "CursorLag",
@@ -14,5 +14,4 @@ __all__ = [
     "list_cursors",
     "load_cursor",
     "save_cursor",
-    "stream_keys",
 ]

@@ -38,9 +38,7 @@ class CursorLag:
 
 
 def _name(name: object) -> str:
-    text = v.check_text(name, "name", max_length=200, allow_empty=False)
-    assert text is not None
-    return text
+    return v.check_text(name, "name", max_length=200, allow_empty=False)
 
 
 async def save_cursor(db: Database, name: str, cursor: str) -> None:

@@ -33,7 +33,7 @@ from dash_storage.stream.position import encode
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-__all__ = ["Relay", "RelayError", "RelayStats", "stream_keys"]
+__all__ = ["Relay", "RelayError", "RelayStats", "entry_document"]
 
 log = logging.getLogger("dash_storage.relay")
 
@@ -68,13 +68,7 @@ class _Keys:
         return f"{self.prefix}:events:{swarm_id}"
 
 
-def stream_keys(prefix: str = "dash") -> tuple[str, str]:
-    """The names of the all-swarms stream and the per-swarm stream pattern."""
-    keys = _Keys(prefix)
-    return keys.all, keys.swarm("<swarm_id>")
-
-
-def _entry(event: Event, cursor: str) -> bytes:
+def entry_document(event: Event, cursor: str) -> bytes:
     """The event as one JSON document (its fields, and the cursor that resumes right after it)."""
     # default=str: asyncpg's own UUID class, which orjson does not know.
     return orjson.dumps({**event._asdict(), "cursor": cursor}, default=str)
@@ -302,7 +296,7 @@ class Relay:
                 k = index[event.swarm_id] = str(len(keys)).encode()
             kind = event.type.encode()
             head = b" ".join((k, pos.redis_id().encode(), str(len(kind)).encode()))
-            args.append(head + b" " + kind + _entry(event, encode(pos)))
+            args.append(head + b" " + kind + entry_document(event, encode(pos)))
         try:
             written, replayed = await self._script(keys=keys, args=args)
         except Exception as exc:
