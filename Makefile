@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test soak reliability lint typecheck unit bench clean
+.PHONY: demo test test-pooler soak reliability lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ typecheck: $(STAMP)
 # marked soak) run at a small size here. Writes no tracked file.
 test: lint typecheck
 	$(BIN)/python -m pytest
+
+# The integration tests again through a real PgBouncer in front of the same server (Debian's package,
+# installed when missing; started on a free port and stopped afterwards): once with pool_mode=session,
+# once with pool_mode=transaction. POSTGRES_POOLER says which; DATABASE_DIRECT_URL names the server for
+# migrations, advisory locks and LISTEN. Tests about the server itself (killed server processes, fault
+# proxies) are skipped there, each with its reason. Both runs go, then it fails if either failed.
+test-pooler: $(STAMP)
+	@status=0; for mode in session transaction; do \
+		$(BIN)/python -m bench.pgbouncer $$mode -- $(BIN)/python -m pytest tests/integration || status=1; \
+	done; exit $$status
 
 # The fault loops at full size (DASH_SOAK=1): the same checks on several times the operations.
 soak: $(STAMP)

@@ -20,9 +20,14 @@ BENCHES = {
     "queries": "bench.queries",
     "ingest": "bench.ingest",
     "stream": "bench.stream",
+    "fanout": "bench.fanout",
     "single-row": "bench.repositories:run_single_row",
     "budget-exhausted": "bench.hot_budget:run_exhausted",
     "budget-growth": "bench.hot_budget:run_growth",
+    "pooler": "bench.pooler",
+    "telemetry": "bench.telemetry",
+    "partitions": "bench.partitions",
+    "replicas": "bench.replicas",
 }
 DOC = ROOT / "BENCHMARKS.md"
 HEADER = """# Benchmarks

@@ -24,8 +24,11 @@ RESULTS = ROOT / "bench" / "results"
 
 
 @asynccontextmanager
-async def scratch_database(name: str, *, keep: bool = False, **overrides: object) -> AsyncIterator[Database]:
-    """A freshly created and migrated database ``name`` (dropped afterwards unless ``keep``)."""
+async def scratch_database(
+    name: str, *, keep: bool = False, migrate: bool = True, **overrides: object
+) -> AsyncIterator[Database]:
+    """A freshly created database ``name``, migrated unless ``migrate`` is false (dropped afterwards
+    unless ``keep``)."""
     # Loaders send long statements (millions of rows): no per-statement time limit here.
     settings = load_settings(postgres_db=name, **{"postgres_command_timeout": 0, **overrides})
     admin_db = Database(settings)
@@ -37,7 +40,8 @@ async def scratch_database(name: str, *, keep: bool = False, **overrides: object
     db = Database(settings)
     try:
         await db.initialize()
-        await MigrationRunner(db).migrate()
+        if migrate:
+            await MigrationRunner(db).migrate()
         yield db
     finally:
         await db.close()

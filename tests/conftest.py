@@ -28,6 +28,9 @@ from dash_storage.migrations.runner import MigrationRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_DB = os.environ.get("DASH_TEST_DATABASE", "dash_test")
+#: The pool mode of the PgBouncer in front of the server in the runs through one (``make test-pooler``
+#: sets POSTGRES_POOLER); "none" in every other run.
+POOLER = (os.environ.get("POSTGRES_POOLER") or "none").strip().lower()
 
 #: The ``make_database`` fixture: ``await make_database(**setting_overrides)``.
 MakeDatabase = Callable[..., Awaitable[Database]]
@@ -47,9 +50,11 @@ def base_settings(**overrides: Any) -> Settings:
 
 
 async def admin_connect(settings: Settings, database: str = "postgres") -> asyncpg.Connection:
-    """A plain asyncpg connection to ``database`` on the test server (for setup and fault injection)."""
-    db = Database(settings)
-    kwargs = await db.connect_kwargs(database)
+    """A plain asyncpg connection to ``database`` on the test server (for setup and fault injection):
+    to the server itself (DATABASE_DIRECT_URL) in the runs through a pooler."""
+    kwargs = settings.direct_connect_kwargs(database=database)
+    if kwargs is None:
+        kwargs = await Database(settings).connect_kwargs(database)
     return await asyncpg.connect(**kwargs)
 
 
@@ -154,6 +159,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "soak: a fault loop sized by DASH_SOAK (small in make test, full size in make soak)"
     )
+    config.addinivalue_line(
+        "markers",
+        "direct_server(reason): about the PostgreSQL server itself, reached directly (it kills server "
+        "processes, puts a fault proxy in front, ...): skipped, with the reason, in the runs through a "
+        "pooler (make test-pooler)",
+    )
     if TEST_DB == "dash":
         raise pytest.UsageError(
             "DASH_TEST_DATABASE must not be 'dash': the tests drop and re-create their database"
@@ -171,6 +182,13 @@ _reliability = {"collected": 0, "passed": 0, "failed": 0}
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _reliability["collected"] = sum(1 for item in items if item.get_closest_marker("reliability"))
+    if POOLER != "none":
+        for item in items:
+            marker = item.get_closest_marker("direct_server")
+            if marker is not None:
+                why = marker.args[0] if marker.args else marker.kwargs.get("reason", "")
+                why = f"needs the server itself, not a {POOLER}-mode pooler: {why}"
+                item.add_marker(pytest.mark.skip(reason=why))
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -45,6 +45,7 @@ from dash_storage.core.models import (
     SwarmSummary,
 )
 from dash_storage.core.retry import RetryPolicy
+from dash_storage.core.telemetry import Telemetry
 from dash_storage.migrations import MigrationRunner
 from dash_storage.repositories import (
     AgentRepository,
@@ -105,6 +106,7 @@ __all__ = [
     "SwarmRepository",
     "SwarmStatus",
     "SwarmSummary",
+    "Telemetry",
     "TransientError",
     "ValidationError",
     "get_database",

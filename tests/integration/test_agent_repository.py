@@ -590,6 +590,7 @@ async def test_increment_retry_with_expected_is_retried_and_applies_once(db: Dat
 
 
 @pytest.mark.soak
+@pytest.mark.direct_server("it kills the pooled connections' server processes mid-work")
 async def test_compare_and_set_increments_while_connections_are_terminated(
     db: Database, settings: Any, make_database: MakeDatabase
 ) -> None:

@@ -661,20 +661,29 @@ async def test_swarm_without_budget_has_no_percentage(db: Database) -> None:
 
 
 async def test_refused_consume_takes_no_lock_and_writes_nothing(db: Database) -> None:
-    """combine=False: a consume that cannot be granted (no headroom, or a repeated key) neither
-    waits for nor takes the budget's row lock, and leaves the row version as it was."""
+    """combine=False: a consume that cannot be granted (no headroom, with a generated key or a new
+    one of the caller's; or a repeated key) neither waits for nor takes the budget's row lock, and
+    writes nothing: no new row version (xmin), no row lock (a lock, even one taken and released,
+    leaves its transaction in xmax), no ledger row, the counters as they were."""
     repo = BudgetRepository(db, combine=False)
     budget = await make_budget(db, Decimal("0.02"))
     first = await repo.try_consume(budget, 1, Decimal("0.02"), idempotency_key="spent")
     assert first.status is ConsumeStatus.GRANTED
-    version = await db.fetchval("SELECT xmin::text FROM budgets WHERE id = $1", budget)
-    async with db.transaction() as holder:
+    state = "SELECT xmin::text, xmax::text, consumed, used_tokens FROM budgets WHERE id = $1"
+    before = await db.fetchrow(state, budget)
+
+    async def refused() -> list[ConsumeStatus]:
+        return [
+            (await repo.try_consume(budget, 1, Decimal("0.01"))).status,
+            (await repo.try_consume(budget, 1, Decimal("0.01"), idempotency_key="new")).status,
+            (await repo.try_consume(budget, 0, Decimal("0.001"), idempotency_key="new")).status,
+            (await repo.try_consume(budget, 1, Decimal("0.02"), idempotency_key="spent")).status,
+        ]
+
+    expected = [ConsumeStatus.INSUFFICIENT] * 3 + [ConsumeStatus.DUPLICATE]
+    assert await refused() == expected
+    assert await db.fetchrow(state, budget) == before
+    async with db.transaction() as holder:  # another transaction holds the row lock meanwhile
         await holder.execute("SELECT 1 FROM budgets WHERE id = $1 FOR UPDATE", budget)
-        refused = await asyncio.wait_for(repo.try_consume(budget, 1, Decimal("0.01")), 5)
-        repeat = await asyncio.wait_for(
-            repo.try_consume(budget, 1, Decimal("0.02"), idempotency_key="spent"), 5
-        )
-    assert refused.status is ConsumeStatus.INSUFFICIENT
-    assert repeat.status is ConsumeStatus.DUPLICATE
-    assert await db.fetchval("SELECT xmin::text FROM budgets WHERE id = $1", budget) == version
-    assert await db.fetchval("SELECT count(*) FROM budget_ledger WHERE budget_id = $1", budget) == 1
+        assert await asyncio.wait_for(refused(), 5) == expected
+    assert await ledger(db, budget) == (1, 1, Decimal("0.02"))

@@ -28,7 +28,12 @@ from tests.faults.proxy import FaultProxy, proxy_for
 from tests.faults.workload import Workload, assert_recovered, terminate_loop
 from tests.reliability import record
 
-pytestmark = pytest.mark.reliability
+pytestmark = [
+    pytest.mark.reliability,
+    pytest.mark.direct_server(
+        "it kills the pooled connections' server processes and cuts connections with a fault proxy"
+    ),
+]
 
 #: How long each workload runs under its fault (seconds).
 SECONDS = sized(3, 30)

@@ -85,6 +85,40 @@ async def test_pool_exhaustion_names_size_and_fix(make_database) -> None:
     assert db.stats().in_use == 0
 
 
+@pytest.mark.parametrize("how", ["statement", "block"])
+async def test_a_caller_looping_over_statements_lets_a_queued_caller_in(make_database, how: str) -> None:
+    """A connection goes back to the pool at once (no release task), so the caller that released it
+    could take it back before the caller queued for it runs: one loop of statements would then hold
+    a pool of one until the queued caller's acquire timed out. The queued caller gets it next."""
+    db: Database = await make_database(
+        postgres_min_pool_size=1, postgres_max_pool_size=1, postgres_connection_timeout=2000
+    )
+    order: list[str] = []
+
+    async def statement() -> None:
+        if how == "statement":
+            await db.fetchval("SELECT pg_sleep(0.01)")
+        else:
+            await db.run(lambda con, _: con.fetchval("SELECT pg_sleep(0.01)"))
+
+    async def looping() -> None:
+        for _ in range(300):  # about 3 s in all: longer than the queued caller may wait
+            await statement()
+        order.append("loop")
+
+    async def queued() -> None:
+        await wait_until(lambda: _in_use(db), "the loop holds the only connection")
+        await db.fetchval("SELECT 1")
+        order.append("queued")
+
+    await asyncio.gather(looping(), queued())
+    assert order == ["queued", "loop"]
+
+
+async def _in_use(db: Database) -> bool:
+    return db.stats().in_use == 1
+
+
 async def _kill_pool_connections(settings: Settings) -> int:
     admin = await admin_connect(settings, TEST_DB)
     try:

@@ -12,12 +12,14 @@ import asyncio
 import os
 import sqlite3
 import uuid
+from typing import Any
 
 import asyncpg
 import pytest
 
 from dash_storage.core import driver
 from dash_storage.core.config import Settings
+from dash_storage.core.connections import keep_session
 from dash_storage.core.database import Database
 from dash_storage.core.errors import ConfigurationError, map_error, never_sent
 from tests.faults.proxy import proxy_for
@@ -52,6 +54,7 @@ async def test_a_closed_connection_refuses_before_sending(db: Database) -> None:
     assert never_sent(info.value)
 
 
+@pytest.mark.direct_server("a fault proxy holds the server's goodbye to a connection it ends")
 async def test_a_goodbye_on_an_idle_connection_is_seen(settings: Settings, db: Database) -> None:
     """The server's FATAL arrives on an idle connection: without its end-of-file (a middlebox that
     holds it) asyncpg refuses the next statement with its state message; with it, the poll of the
@@ -91,6 +94,49 @@ async def test_a_goodbye_on_an_idle_connection_is_seen(settings: Settings, db: D
             assert driver.gone_while_idle(pool_like)
         finally:
             raw.terminate()
+
+
+async def test_a_free_slot_is_taken_and_handed_back_without_the_pool_layers(make_database) -> None:
+    """``acquire_idle`` and ``release_now`` do what ``pool.acquire()`` / ``pool.release()`` do, on
+    the pool's own queue and connection holders."""
+    db: Database = await make_database(postgres_min_pool_size=2, postgres_max_pool_size=2)
+    pool = await db.ready()
+    first = await driver.acquire_idle(pool)
+    second = await driver.acquire_idle(pool)
+    assert first is not None and second is not None
+    assert pool.get_idle_size() == 0 and db.stats().in_use == 2
+    assert await driver.acquire_idle(pool) is None  # no free slot: the caller waits in pool.acquire()
+    assert await driver.connection_of(first).fetchval("SELECT 1") == 1
+    for con in (first, second):
+        now = driver.release_now(pool, con, keep_session)
+        assert now is not None
+        await now
+        assert driver.is_closed(con)  # the proxy is detached, as pool.release() leaves it
+    assert pool.get_idle_size() == 2 and db.stats().in_use == 0
+    async with pool.acquire() as again:  # the slots work as before
+        assert await again.fetchval("SELECT 2") == 2
+
+
+async def test_a_release_that_could_wait_is_left_to_the_pool(db: Database) -> None:
+    pool = await db.ready()
+    con = await pool.acquire()
+    tx = con.transaction()
+    await tx.start()
+    assert driver.release_now(pool, con, keep_session) is None  # a ROLLBACK is due first
+    await tx.rollback()
+
+    async def other_reset(_: Any) -> None:
+        return None
+
+    assert driver.release_now(pool, con, other_reset) is None  # a reset that may wait
+    now = driver.release_now(pool, con, keep_session)
+    assert now is not None
+    await now
+    assert driver.release_now(pool, con, keep_session) is None  # already handed back
+    con2 = await pool.acquire()
+    con2.terminate()
+    assert driver.release_now(pool, con2, keep_session) is None  # closed: the pool replaces it
+    await pool.release(con2)
 
 
 async def test_a_server_without_tls_is_reported_as_configuration(db: Database) -> None:

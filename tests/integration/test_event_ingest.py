@@ -33,7 +33,7 @@ from tests import reliability
 from tests.conftest import TEST_DB, MakeDatabase, admin_connect
 from tests.factories import make_agent, make_swarm, wait_until
 from tests.faults.chaos import capped, gather_outcomes, sized, terminating_connections
-from tests.faults.databases import LostAnswerDatabase, as_attempt
+from tests.faults.databases import LostAnswerDatabase, StatementHook, as_attempt
 
 T = TypeVar("T")
 UTC = dt.UTC
@@ -145,6 +145,18 @@ def assert_same_events(got: Sequence[Event], expected: Sequence[Event]) -> None:
         assert g.timestamp.utcoffset() == dt.timedelta(0)
 
 
+#: Reads a Database makes once, on its first event write: the partitions and the database clock.
+FIRST_USE_READS = 2
+
+
+def _stamped_together(events: Sequence[Event], tx_now: dt.datetime) -> None:
+    """The timestamps a batch left out: one value for the whole batch, fixed by the library before
+    the first attempt from the database clock (so close to the writing transaction's now())."""
+    stamps = {e.timestamp for e in events}
+    assert len(stamps) == 1, stamps
+    assert abs(stamps.pop() - tx_now) < dt.timedelta(seconds=5)
+
+
 async def stored_events(db: Database, ids: Sequence[uuid.UUID]) -> list[Event]:
     rows = await db.fetch(
         'SELECT id, swarm_id, agent_id, type, payload, "timestamp", correlation_id, parent_event_id, '
@@ -184,8 +196,8 @@ async def test_large_batches_use_copy_and_small_ones_one_insert(
     log = await statements()
     assert [(s.kind, s.rows) for s in log] == [("INSERT", COPY_MIN_BATCH - 1), ("COPY", COPY_MIN_BATCH)]
     # Timestamps not given are the database clock of the writing transaction, on both paths.
-    assert {e.timestamp for e in small} == {log[0].tx_now}
-    assert {e.timestamp for e in large} == {log[1].tx_now}
+    _stamped_together(small, log[0].tx_now)
+    _stamped_together(large, log[1].tx_now)
     assert_same_events(await stored_events(db, [e.id for e in small + large]), small + large)
 
 
@@ -271,12 +283,13 @@ async def test_copy_path_after_a_lost_answer_stores_once_and_returns_the_stored_
     lossy = LostAnswerDatabase(settings)
     items = [{"swarm_id": swarm, "type": f"e{i}", "payload": {"i": i}} for i in range(300)]
     created = await create_many_on(lossy, items)
-    assert lossy.replays == 1
+    # The write, and the two reads of the partitions and the clock a new Database makes once.
+    assert lossy.replays == 1 + FIRST_USE_READS
     await assert_stored_once(db, created, [f"e{i}" for i in range(300)])
     # The retry found every event written and wrote nothing; the timestamps are the first attempt's.
     log = await statements()
     assert [(s.kind, s.rows) for s in log] == [("COPY", 300)]
-    assert {e.timestamp for e in created} == {log[0].tx_now}
+    _stamped_together(created, log[0].tx_now)
 
 
 async def test_insert_path_after_a_lost_answer_stores_once_and_returns_the_stored_events(
@@ -291,14 +304,14 @@ async def test_insert_path_after_a_lost_answer_stores_once_and_returns_the_store
         created = await EventRepository(lossy).create_many(items)
     finally:
         await lossy.close()
-    assert lossy.replays == 1
+    assert lossy.replays == 1 + FIRST_USE_READS
     assert [e.type for e in created] == [f"e{i}" for i in range(n)]
     assert await db.fetchval("SELECT count(*) FROM events") == n
     assert_same_events(await stored_events(db, [e.id for e in created]), created)
     # The retry found every event written (its INSERT wrote none); the timestamps are the first's.
     log = await statements()
     assert [(s.kind, s.rows) for s in log] == [("INSERT", n), ("INSERT", 0)]
-    assert {e.timestamp for e in created} == {log[0].tx_now}
+    _stamped_together(created, log[0].tx_now)
 
 
 async def test_ids_generated_during_a_failed_copy_are_those_the_retry_sends(
@@ -356,8 +369,8 @@ async def test_copy_retry_writes_only_the_missing_events(
     log = await statements()
     assert [(s.kind, s.rows) for s in log] == [("COPY", 200), ("COPY", 100)]
     # The kept half has the first transaction's clock, the rewritten half the retry's.
-    assert {e.timestamp for e in created[1::2]} == {log[0].tx_now}
-    assert {e.timestamp for e in created[::2]} == {log[1].tx_now}
+    _stamped_together(created[1::2], log[0].tx_now)
+    _stamped_together(created[::2], log[1].tx_now)
 
 
 # -- EventWriter ------------------------------------------------------------------------------------
@@ -524,6 +537,7 @@ KILL_EVERY, CALM = 0.015, (0.5, 0.15)
 
 @pytest.mark.reliability
 @pytest.mark.soak
+@pytest.mark.direct_server("it kills the pooled connections' server processes mid-work")
 async def test_writer_under_a_connection_kill_loop_stores_each_acknowledged_event_once(
     db: Database, settings: Settings, make_database: MakeDatabase
 ) -> None:
@@ -585,6 +599,7 @@ COPY_BATCHES = sized(40, 400)
 
 
 @pytest.mark.soak
+@pytest.mark.direct_server("it kills the pooled connections' server processes mid-work")
 async def test_copy_batches_with_generated_ids_under_a_connection_kill_loop_are_stored_once(
     db: Database, settings: Settings, make_database: MakeDatabase
 ) -> None:
@@ -638,3 +653,37 @@ async def test_a_small_batch_keeps_every_optional_field_whether_set_in_some_rows
             assert event.parent_event_id == item.get("parent_event_id")
             assert "timestamp" not in item or event.timestamp == at
     assert await db.fetchval("SELECT count(*) FROM events") == 12
+
+
+class LookupLog(StatementHook):
+    """A real Database that counts the look-ups of events by id that ingest sends."""
+
+    lookups = 0
+
+    async def statement(
+        self, method: str, query: str, args: Sequence[Any], retry: bool, timeout: float | None
+    ) -> Any:
+        if query == event_ingest.SELECT_EVENTS_BY_IDS:
+            self.lookups += 1
+        return await super().statement(method, query, args, retry, timeout)
+
+
+async def test_writer_looks_up_only_the_ids_its_callers_gave(db: Database, settings: Settings) -> None:
+    # A look-up by id reads every partition; an id the writer generated is a new UUIDv7 that no
+    # stored event has, so only ids given by callers are looked up (a given one may be stored
+    # with another timestamp, which the key (id, timestamp) would not catch).
+    swarm = await make_swarm(db)
+    taken = await EventRepository(db).create(swarm, "taken")
+    logged = LookupLog(settings)
+    await logged.initialize()
+    try:
+        async with EventWriter(logged) as writer:
+            created = await asyncio.gather(*(writer.create(swarm, f"t{i}") for i in range(100)))
+            assert logged.lookups == 0
+            with pytest.raises(ConflictError):
+                await writer.create(swarm, "again", id=taken.id)
+            assert logged.lookups == 1
+    finally:
+        await logged.close()
+    assert len({e.id for e in created}) == 100
+    assert await db.fetchval("SELECT count(*) FROM events") == 101

@@ -87,10 +87,12 @@ async def test_find_by_id_missing_is_none(repo: EventRepository) -> None:
 
 
 async def test_create_existing_id_is_conflict(db: Database, repo: EventRepository) -> None:
+    """An event's key is (id, timestamp): the log is partitioned by time, and a unique key of a
+    partitioned table must hold the partition column."""
     swarm = await make_swarm(db)
     first = await repo.create(swarm, "a")
     with pytest.raises(ConflictError):
-        await repo.create(swarm, "b", id=first.id)
+        await repo.create(swarm, "b", id=first.id, timestamp=first.timestamp)
     assert await event_count(db) == 1
     assert (await repo.find_by_id(first.id)) == first
 
@@ -569,17 +571,21 @@ async def test_delete_older_than_deletes_in_batches(db: Database, repo: EventRep
     assert await repo.delete_older_than(24, batch_size=7) == 0
 
 
-async def test_delete_older_than_datetime_cutoff(db: Database, repo: EventRepository) -> None:
+async def test_delete_older_than_drops_only_whole_partitions(db: Database, repo: EventRepository) -> None:
+    """Events go a whole (day-long) partition at a time: a partition only partly before the cutoff
+    stays until it lies wholly before it."""
     swarm = await make_swarm(db)
     t0 = dt.datetime(2025, 1, 1, tzinfo=UTC)
     await repo.create_many(
-        [{"swarm_id": swarm, "type": "x", "timestamp": t0 + dt.timedelta(hours=i)} for i in range(21)]
+        [{"swarm_id": swarm, "type": "x", "timestamp": t0 + dt.timedelta(hours=i)} for i in range(48)]
     )
-    # Exactly batch_size old rows: one full batch, then an empty one ends the loop.
-    assert await repo.delete_older_than(t0 + dt.timedelta(hours=10), batch_size=10) == 10
+    assert await repo.delete_older_than(t0 + dt.timedelta(hours=30), batch_size=10) == 24
     left = await repo.find_by_filter(swarm_id=swarm)
-    assert [e.timestamp for e in left] == [t0 + dt.timedelta(hours=i) for i in range(10, 21)]
-    assert await repo.delete_older_than(t0 + dt.timedelta(hours=100)) == 11
+    assert [e.timestamp for e in left] == [t0 + dt.timedelta(hours=i) for i in range(24, 48)]
+    names = {r[0] for r in await db.fetch("SELECT name FROM event_partitions")}
+    assert "events_p20250101_0000" not in names and "events_p20250102_0000" in names
+    assert await repo.delete_older_than(t0 + dt.timedelta(hours=47)) == 0
+    assert await repo.delete_older_than(t0 + dt.timedelta(hours=48)) == 24
     assert await event_count(db) == 0
 
 

@@ -35,6 +35,7 @@ from dash_storage.core.ids import new_id
 from dash_storage.core.models import ConsumeResult, ConsumeStatus
 from dash_storage.repositories import budget_batcher as bb
 from dash_storage.repositories.budget_batcher import CONSUME_BATCH, MAX_BATCH, combiner_for
+from dash_storage.repositories.budget_turns import IN_FLIGHT
 from dash_storage.repositories.budgets import BudgetRepository
 from tests.conftest import TEST_DB, MakeDatabase, admin_connect
 from tests.factories import make_budget, wait_until
@@ -338,6 +339,101 @@ async def test_combine_false_sends_one_statement_per_call(
     assert b.consumed == Decimal("1.00")
 
 
+async def locked_row(settings: Settings, budget: uuid.UUID) -> tuple[asyncpg.Connection, Any]:
+    """Another session holding the budget's row lock (in an open transaction); roll it back to free it."""
+    other = await admin_connect(settings, TEST_DB)
+    lock = other.transaction()
+    await lock.start()
+    await other.execute("SELECT 1 FROM budgets WHERE id = $1 FOR UPDATE", budget)
+    return other, lock
+
+
+async def test_combine_false_consumes_of_one_budget_take_turns(
+    settings: Settings, db: Database, make_database: MakeDatabase
+) -> None:
+    """Of many concurrent consumes of one budget, IN_FLIGHT are sent (and wait at the row lock); the
+    others wait in the process without a connection, and all are granted once the lock is free."""
+    budget = await make_budget(db, Decimal("1.00"))
+    plain_db = await make_database(postgres_max_pool_size=20)
+    repo = BudgetRepository(plain_db, combine=False)
+    other, lock = await locked_row(settings, budget)
+    try:
+        calls = [
+            asyncio.create_task(repo.try_consume(budget, 1, Decimal("0.01"))) for _ in range(IN_FLIGHT + 8)
+        ]
+        await wait_until(lambda: _waiting_at_lock(other, IN_FLIGHT), "the first consumes wait for the lock")
+        await wait_until(lambda: _settled(calls, IN_FLIGHT), "every other caller waits for its turn")
+        assert plain_db.stats().in_use == IN_FLIGHT
+        assert await lock_waiters(other) == IN_FLIGHT
+        await lock.rollback()
+        results = await asyncio.gather(*calls)
+    finally:
+        await other.close()
+    assert [r.status for r in results] == [G] * (IN_FLIGHT + 8)
+    assert sorted(r.budget.consumed for r in results if r.budget) == [
+        Decimal("0.01") * i for i in range(1, IN_FLIGHT + 9)
+    ]
+    assert_balanced(await books(settings, budget))
+
+
+async def _settled(calls: list[asyncio.Task[ConsumeResult]], in_flight: int) -> bool:
+    """True once the callers without a turn are parked (give the loop a few turns to get there)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+    return not any(c.done() for c in calls) and len(calls) > in_flight
+
+
+async def test_combine_false_a_consume_that_cannot_fit_goes_without_a_turn_and_takes_no_lock(
+    settings: Settings, db: Database, make_database: MakeDatabase
+) -> None:
+    """Every turn is taken by a consume waiting for the row lock; a consume that does not fit the
+    budget as the latest answer showed it is sent anyway, and is refused without waiting."""
+    budget = await make_budget(db, Decimal("1.00"))
+    plain_db = await make_database(postgres_max_pool_size=20)
+    repo = BudgetRepository(plain_db, combine=False)
+    assert (await repo.try_consume(budget, 1, Decimal("0.95"))).status is G  # 0.05 left, as seen
+    other, lock = await locked_row(settings, budget)
+    try:
+        small = [
+            asyncio.create_task(repo.try_consume(budget, 1, Decimal("0.01"))) for _ in range(IN_FLIGHT + 2)
+        ]
+        await wait_until(lambda: _waiting_at_lock(other, IN_FLIGHT), "every turn waits for the row lock")
+        big = await asyncio.wait_for(repo.try_consume(budget, 1, Decimal("0.10")), 10)
+        assert big.status is NO and big.budget is not None and big.budget.consumed == Decimal("0.95")
+        assert not any(s.done() for s in small)
+        await lock.rollback()
+        results = await asyncio.gather(*small)
+    finally:
+        await other.close()
+    granted = min(IN_FLIGHT + 2, 5)  # 0.05 left: room for five
+    assert Counter(r.status for r in results) == Counter({G: granted, NO: IN_FLIGHT + 2 - granted})
+    assert_balanced(await books(settings, budget))
+
+
+async def test_combine_false_a_budget_grown_since_the_latest_answer_is_charged_all_the_same(
+    settings: Settings, db: Database, make_database: MakeDatabase
+) -> None:
+    """The latest answer said "no room" (so a consume without a key is refused by a plain read);
+    once the budget grew elsewhere, the next one is charged, and its answer says so."""
+    budget = await make_budget(db, Decimal("1.00"))
+    plain_db = await make_database()
+    repo = BudgetRepository(plain_db, combine=False)
+    assert (await repo.try_consume(budget, 1, Decimal("1.00"))).status is G
+    refused = await repo.try_consume(budget, 1, Decimal("0.50"))
+    assert refused.status is NO and refused.budget is not None and refused.budget.consumed == Decimal("1.00")
+    await BudgetRepository(db).update(budget, allocated=Decimal("2.00"))
+    grown = await repo.try_consume(budget, 1, Decimal("0.50"))
+    assert grown.status is G and grown.budget is not None
+    assert (grown.budget.consumed, grown.budget.allocated) == (Decimal("1.50"), Decimal("2.00"))
+    b = await books(settings, budget)
+    assert_balanced(b)
+    assert b.ledger_rows == 2
+
+
+async def _waiting_at_lock(other: asyncpg.Connection, n: int) -> bool:
+    return await lock_waiters(other) == n
+
+
 # -- across Databases and processes -----------------------------------------------------------------
 
 
@@ -561,6 +657,7 @@ async def test_cancelled_callers_leave_the_others_answered_and_the_books_balance
 
 
 @pytest.mark.soak
+@pytest.mark.direct_server("it kills the pooled connections' server processes mid-work")
 async def test_connection_kills_during_combined_batches_keep_ledger_counters_and_answers_equal(
     settings: Settings, db: Database, make_database: MakeDatabase
 ) -> None:

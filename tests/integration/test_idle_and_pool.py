@@ -43,7 +43,12 @@ from tests.factories import make_agent, make_swarm, wait_until
 from tests.faults.proxy import proxy_for
 from tests.reliability import record, record_counts
 
-pytestmark = pytest.mark.reliability
+pytestmark = [
+    pytest.mark.reliability,
+    pytest.mark.direct_server(
+        "server processes ended by idle_session_timeout, pg_terminate_backend and a fault proxy"
+    ),
+]
 
 IDLE_DB = f"{TEST_DB}_idle"
 POOL_PIDS = "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = 'dash-storage'"

@@ -515,7 +515,9 @@ def _closed_port() -> int:
 @pytest.mark.parametrize("args", [("migrate",), ("migrate", "status"), ("migrate", "status", "--json")])
 async def test_unreachable_server_is_named(args: tuple[str, ...], tmp_path: Path) -> None:
     port = _closed_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DASH_MIGRATIONS_DIR")}
+    # Nothing else to reach either: no DATABASE_URL, and no DATABASE_DIRECT_URL (of a run through a pooler).
+    gone = ("DATABASE_URL", "DASH_MIGRATIONS_DIR", "DATABASE_DIRECT_URL", "POSTGRES_POOLER")
+    env = {k: v for k, v in os.environ.items() if k not in gone}
     env.update(POSTGRES_HOST="127.0.0.1", POSTGRES_PORT=str(port), POSTGRES_RETRY_ATTEMPTS="0")
     code, out, err = await _dash_db(*args, env=env, cwd=tmp_path)
     assert code == 1
@@ -532,6 +534,8 @@ async def test_runner_names_the_server_it_cannot_reach(settings: Settings) -> No
         postgres_port=port,
         postgres_retry_attempts=0,
         dash_migrations_dir=None,
+        postgres_pooler="none",
+        database_direct_url=None,
     )
     for call in (MigrationRunner(db).migrate, MigrationRunner(db).status):
         with pytest.raises(DatabaseUnavailableError) as info:

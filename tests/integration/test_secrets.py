@@ -307,6 +307,15 @@ def test_password_never_in_cli_output(
             "POSTGRES_USER": user,
             "POSTGRES_DB": TEST_DB,
         }
+        if settings.postgres_pooler != "none":
+            # A run through a pooler: say so, and name the server behind it, with the password too.
+            through = {"POSTGRES_POOLER": settings.postgres_pooler}
+            if settings.database_direct_url is not None:
+                behind = urlsplit(settings.database_direct_url.get_secret_value())
+                direct = url(user, behind.hostname or "127.0.0.1", behind.port or 5432, TEST_DB)
+                through["DATABASE_DIRECT_URL"] = direct
+            good_url.update(through)
+            parts.update(through)
         runs += [
             ("doctor, DATABASE_URL", good_url, ["doctor"], 0),
             ("doctor --json, DATABASE_URL", good_url, ["doctor", "--json"], 0),

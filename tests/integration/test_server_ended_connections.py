@@ -98,6 +98,7 @@ async def fill_pool(db: Database) -> None:
         await pool.release(con)
 
 
+@pytest.mark.direct_server("it ends the pooled connections' own server sessions")
 async def test_a_connection_the_server_ended_is_never_handed_out(make_database, killer: Killer) -> None:  # type: ignore[no-untyped-def]
     db = await make_database(**POOL)
     failures: list[str] = []
@@ -112,6 +113,7 @@ async def test_a_connection_the_server_ended_is_never_handed_out(make_database, 
     assert failures == []
 
 
+@pytest.mark.direct_server("it ends the pooled connections' own server sessions")
 async def test_a_retried_read_goes_again_at_once_after_a_lost_connection(
     make_database,  # type: ignore[no-untyped-def]
     killer: Killer,
@@ -130,6 +132,7 @@ async def test_a_retried_read_goes_again_at_once_after_a_lost_connection(
         assert time.monotonic() - started < 5.0, "the first retry after a lost connection waited"
 
 
+@pytest.mark.direct_server("it ends the pooled connections' own server sessions")
 async def test_calls_ten_milliseconds_after_the_kill_all_succeed(make_database, killer: Killer) -> None:  # type: ignore[no-untyped-def]
     db = await make_database(**POOL)
     swarms = SwarmRepository(db)

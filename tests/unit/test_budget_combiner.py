@@ -60,15 +60,23 @@ class FakeDatabase:
         self.ledger: dict[str, tuple[uuid.UUID, int, Decimal]] = {}
         self.sent: list[tuple[str, list[str]]] = []  # (statement, keys in the order sent)
         self.policy = RetryPolicy(attempts=0, delay=0.0)
+        self.telemetry = None  # as a Database without telemetry
         self.hold: asyncio.Event | None = None
 
     async def fetchrow(self, query: str, *args: Any, retry: bool = False) -> Any:
         if self.hold is not None:
             await self.hold.wait()
-        if query == bb.CONSUME:
+        if query in (bb.CONSUME, bb.CONSUME_NEW):
             return self._one(*args)
+        if query == bb.SELECT_BUDGET_BY_ID:
+            self.sent.append(("read", []))
+            return self.state
         assert query == bb.CONSUME_BATCH
         return self._batch(*args)
+
+    async def run(self, fn: Any, *, retry: bool = False, transaction: bool = False) -> Any:
+        """``fn`` on a stand-in connection whose statements this Database answers, as a first try."""
+        return await fn(self, 1)
 
     async def fetch(self, query: str, *args: Any, retry: bool = False) -> list[Any]:
         assert query == bb.SELECT_LEDGER_BY_KEYS

@@ -124,4 +124,4 @@ def test_the_batch_inserts_share_their_insert() -> None:
     words = " ".join(first.split())
     assert words.startswith(head) and words.endswith(tail)
     insert = words[len(head) : -len(tail)].strip()
-    assert " ".join(retry.split("ON CONFLICT (id) DO NOTHING", 1)[0].split()) == insert
+    assert " ".join(retry.split('ON CONFLICT (id, "timestamp") DO NOTHING', 1)[0].split()) == insert

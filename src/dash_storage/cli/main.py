@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from dash_storage.cli import demo, importer, migrate, server, stream, views
+from dash_storage.cli import demo, importer, maintain, migrate, server, stream, views
 from dash_storage.cli.common import fail
 from dash_storage.cli.help import DashCommand, DashGroup
 from dash_storage.core.errors import DashStorageError
@@ -30,6 +30,8 @@ app.add_typer(migrate.app, name="migrate")
 app.command("import-sqlite", cls=DashCommand)(importer.import_sqlite)
 app.command("demo", cls=DashCommand)(demo.demo)
 app.command("relay", cls=DashCommand)(stream.relay)
+app.command("maintain", cls=DashCommand)(maintain.maintain)
+app.command("prune", cls=DashCommand)(maintain.prune)
 views.register(app)
 
 

@@ -15,6 +15,7 @@ from dash_storage.core.config import Settings, load_settings
 from dash_storage.core.database import Database
 from dash_storage.core.errors import DashStorageError
 from dash_storage.migrations.runner import MigrationRunner
+from dash_storage.repositories import event_maintenance
 from dash_storage.server import embedded
 from dash_storage.stream.cursors import stream_report
 
@@ -106,11 +107,32 @@ async def _doctor(settings: Settings) -> dict[str, Any]:
         report["connected"] = health.ok
         report["health"] = asdict(health)
         report["pool"] = asdict(db.stats())
+        report["pooler"] = _pooler_state(db)
         report["migrations"] = await _migration_state(db)
         report["stream"] = await _stream_state(db)
+        report["partitions"] = await _partition_state(db, settings)
+        if db.replicas is not None:
+            report["replicas"] = [asdict(r) for r in await db.replicas.check()]
     finally:
         await db.close()
     return report
+
+
+def _pooler_state(db: Database) -> dict[str, Any]:
+    """POSTGRES_POOLER, what the start-up check saw, and where session work (migrations, LISTEN) goes."""
+    s = db.settings
+    if s.database_direct_url is not None:
+        session = f"migrations and LISTEN go to {db.describe_target(direct=True)}"
+    elif db.can_hold_session:
+        session = "migrations and LISTEN go where the pool goes"
+    else:
+        session = "no DATABASE_DIRECT_URL: migrations refuse to run, followers poll"
+    return {
+        "setting": s.postgres_pooler,
+        "seen": db.pooler.describe() if db.pooler is not None else None,
+        "named_statements": s.named_statements,
+        "session_work": session,
+    }
 
 
 async def _stream_state(db: Database) -> dict[str, Any]:
@@ -118,6 +140,29 @@ async def _stream_state(db: Database) -> dict[str, Any]:
         return await stream_report(db)
     except DashStorageError as exc:  # e.g. not migrated yet
         return {"error": str(exc)}
+
+
+async def _partition_state(db: Database, settings: Settings) -> dict[str, Any]:
+    try:
+        return await event_maintenance.partitions_report(db, settings.event_retention)
+    except DashStorageError as exc:  # e.g. not migrated yet
+        return {"error": str(exc)}
+
+
+def _print_partitions(p: dict[str, Any]) -> None:
+    if "error" in p:
+        console.print(f"events: {p['error']}", highlight=False)
+        return
+    size = p["total_bytes"] / 1024 / 1024
+    console.print(
+        f"events: {p['count']} partitions from {p['oldest']} to {p['newest']}, {size:.1f} MB, "
+        f"about {p['estimated_rows']:,} rows; retention: {p['retention']}",
+        highlight=False,
+    )
+    behind = p["rollups_behind"]
+    more = "+" if behind >= p["rollups_behind_limit"] else ""
+    moved = p["rollups_updated_at"] or "never"
+    console.print(f"rollups: {behind:,}{more} events not rolled up yet (last moved {moved})", highlight=False)
 
 
 async def _migration_state(db: Database) -> dict[str, Any]:
@@ -155,7 +200,8 @@ def _print_stream(st: dict[str, Any]) -> None:
 
 
 def doctor(json_out: JsonOpt = False) -> None:
-    """Show the configuration (secrets hidden), server version, pool, migrations and stream lag."""
+    """Show the configuration (secrets hidden), server version, pool, pooler, migrations, stream lag, the
+    event partitions, the retention setting, the rollups' lag, and each read replica's state and lag."""
     settings = load_settings()
     report = run(_doctor(settings))
     if json_out:
@@ -181,10 +227,22 @@ def doctor(json_out: JsonOpt = False) -> None:
                 f"pool: size {p['size']}, idle {p['idle']}, in use {p['in_use']}, "
                 f"waiting {p['waiting']}, min {p['min']}, max {p['max']}"
             )
+            pooler = report["pooler"]
+            if pooler["setting"] != "none" or (pooler["seen"] and "sits in front" in pooler["seen"]):
+                console.print(
+                    f"pooler: POSTGRES_POOLER={pooler['setting']}; {pooler['seen'] or 'not checked'}; "
+                    f"{pooler['session_work']}",
+                    highlight=False,
+                )
             m = report["migrations"]
             states = ", ".join(f"{n} {state}" for state, n in sorted(m.items()) if isinstance(n, int))
             console.print(f"migrations: {states or m.get('error', 'none')}")
             _print_stream(report["stream"])
+            _print_partitions(report["partitions"])
+            for r in report.get("replicas", []):
+                lag = f"lag {r['lag_s']:.1f} s" if r["lag_s"] is not None else "lag unknown"
+                why = f" ({r['error']})" if r["error"] else ""
+                console.print(f"read replica {r['name']}: {r['state']}, {lag}{why}", highlight=False)
         else:
             console.print(f"[red]cannot connect:[/] {report.get('error', report.get('health'))}")
     if not report.get("connected"):

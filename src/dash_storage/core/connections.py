@@ -81,10 +81,24 @@ def discard(con: Connection) -> None:
         pass  # already closed and handed back by asyncpg's own cleanup
 
 
-async def release(pool: asyncpg.Pool, con: Connection) -> None:
+async def release(pool: asyncpg.Pool, con: Connection, waiting: int = 0) -> None:
     """Give ``con`` back. A failure here (the reset of a broken connection) is not the caller's:
-    asyncpg has then terminated the connection, and the pool replaces it."""
+    asyncpg has then terminated the connection, and the pool replaces it.
+
+    A connection that can go back without waiting for the server (the usual case: the pool's reset
+    is ``keep_session``) goes back at once, without the task ``pool.release`` starts to guard a
+    release that could wait (see ``driver.release_now``). ``waiting``: callers of this Database
+    queued for a connection; the one this release woke takes it before this caller goes on (else a
+    caller looping over statements would take its own connection back, again and again, while
+    the queued ones wait until they time out).
+    """
     try:
+        now = driver.release_now(pool, con, keep_session)
+        if now is not None:
+            await now
+            if waiting:
+                await asyncio.sleep(0)
+            return
         await pool.release(con)
     except Exception as exc:
         if not is_driver_error(exc):
@@ -149,10 +163,12 @@ class Acquired:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         assert self._pool is not None and self._con is not None
+        if self._db.replicas is not None:
+            self._db.replicas.writes += 1  # the block may have written: replica reads must see it
         if e is not None and is_transient(e):
             self.untouched = untouched(self._con, self._mark, e, single=False)
             discard(self._con)
-        await release(self._pool, self._con)
+        await release(self._pool, self._con, self._db._waiting)
         if e is not None and is_driver_error(e):
             if driver.message_is_released_proxy(e):
                 # We never release inside the block: asyncpg detached the proxy because the
@@ -195,6 +211,8 @@ class Transaction:
                 except DashStorageError:
                     if not dead:
                         raise
+                    if self._db.telemetry is not None:
+                        self._db.telemetry.replayed("begin")
                     self._acq = Acquired(self._db)
                     continue
                 raise

@@ -22,8 +22,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
@@ -35,7 +35,6 @@ from dash_storage.core.connections import (
     Record,
     Transaction,
     discard,
-    init_connection,
     keep_session,
     release,
     untouched,
@@ -50,8 +49,15 @@ from dash_storage.core.errors import (
     is_transient,
     map_error,
 )
+from dash_storage.core.pooler import PoolerCheck, check_pooler
+from dash_storage.core.replicas import Replicas
 from dash_storage.core.retry import RetryPolicy, retry_call
+from dash_storage.core.sockets import connection_init
 from dash_storage.server import embedded, provision
+
+if TYPE_CHECKING:
+    from dash_storage.core.otel import DatabaseTelemetry
+    from dash_storage.core.telemetry import Telemetry
 
 __all__ = ["Connection", "Database", "HealthReport", "PoolStats", "Record", "get_database", "reset_database"]
 
@@ -83,10 +89,13 @@ class Database:
 
     ``Database()`` reads the settings from the environment; pass ``settings`` (or keyword
     overrides such as ``postgres_db="other"``) to choose. A Database given to a repository
-    belongs to the caller: the library never closes it.
+    belongs to the caller: the library never closes it. ``telemetry=Telemetry(...)`` (see
+    ``core.telemetry``) sends OpenTelemetry spans and metrics; DASH_OTEL=1 does so by default.
     """
 
-    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+    def __init__(
+        self, settings: Settings | None = None, *, telemetry: Telemetry | None = None, **overrides: Any
+    ) -> None:
         if settings is not None and overrides:
             settings = load_settings(**{**dict(settings), **overrides})
         self.settings = settings if settings is not None else load_settings(**overrides)
@@ -102,6 +111,19 @@ class Database:
             attempts=self.settings.postgres_retry_attempts, delay=self.settings.retry_delay_s
         )
         self.embedded_server: embedded.EmbeddedServer | None = None
+        #: What the start-up check saw in front of the server (None: not checked yet, or embedded).
+        self.pooler: PoolerCheck | None = None
+        #: Spans and metrics (``telemetry=``, or DASH_OTEL=1 with the global providers); None: off.
+        self.telemetry: DatabaseTelemetry | None = None
+        #: The read replicas of DATABASE_READ_URL (``core.replicas``); None: every read goes to the primary.
+        self.replicas: Replicas | None = Replicas(self) if self.settings.read_urls else None
+        if telemetry is None and self.settings.dash_otel:
+            from dash_storage.core.telemetry import Telemetry
+
+            telemetry = Telemetry(query_text=self.settings.dash_otel_query_text)
+        if telemetry is not None:
+            self.telemetry = telemetry.bind(self)
+            self.policy = replace(self.policy, observer=self.telemetry.retried)
 
     def __repr__(self) -> str:
         state = "open" if self._pool is not None else "closed"
@@ -162,7 +184,7 @@ class Database:
                     min_size=s.postgres_min_pool_size,
                     max_size=s.postgres_max_pool_size,
                     max_inactive_connection_lifetime=s.idle_timeout_s,
-                    init=init_connection,
+                    init=connection_init(s),
                     reset=keep_session,
                     server_settings={"application_name": "dash-storage"},
                     # Bounds every statement on a pooled connection, and asyncpg's cancel request
@@ -176,14 +198,48 @@ class Database:
             return pool
 
         try:
-            return await retry_call(attempt, self.policy, what="connect")
+            pool = await retry_call(attempt, self.policy, what="connect")
         except DashStorageError as exc:
             raise _with_flags(self._explain_connect_failure(exc), exc) from exc.__cause__
+        if s.target == "server":
+            try:
+                await self._check_pooler(pool, kwargs)
+            except BaseException:
+                pool.terminate()
+                raise
+        return pool
 
-    def _explain_connect_failure(self, exc: DashStorageError) -> DashStorageError:
-        """``exc`` from a connect, said so that the user knows what to change."""
+    async def _check_pooler(self, pool: asyncpg.Pool, kwargs: dict[str, Any]) -> None:
+        """Refuse (ConfigurationError) to open a pool whose POSTGRES_POOLER does not match what is
+        in front of the server, so that a wrong setting fails here, not later under load."""
+
+        async def open_other() -> asyncpg.Connection[Record]:
+            other: asyncpg.Connection[Record] = await asyncpg.connect(**kwargs)
+            return other
+
+        try:
+            async with pool.acquire() as con:
+                self.pooler = await check_pooler(con, self.settings, open_other)
+        except Exception as exc:
+            if isinstance(exc, DashStorageError) or not is_driver_error(exc):
+                raise
+            raise map_error(exc, context="checking POSTGRES_POOLER") from exc
+
+    def _explain_connect_failure(self, exc: DashStorageError, *, direct: bool = False) -> DashStorageError:
+        """``exc`` from a connect (``direct``: to DATABASE_DIRECT_URL), said so that the user knows
+        what to change."""
         s = self.settings
         state = getattr(exc.__cause__, "sqlstate", None)
+        # A pooler (PgBouncer) says the same two refusals with a code of its own.
+        if driver.message_is_pooler_unknown_database(exc.__cause__):
+            state = "3D000"
+        elif driver.message_is_pooler_login_rejected(exc.__cause__):
+            state = "28P01"
+        if direct and state in ("3D000", "28P01", "28000"):
+            return ConfigurationError(
+                f"DATABASE_DIRECT_URL: the server refused it: {exc.__cause__}",
+                variable="DATABASE_DIRECT_URL",
+            )
         if state == "3D000":
             return ConfigurationError(
                 f"POSTGRES_DB: database {s.database_name()!r} does not exist on the server "
@@ -197,12 +253,19 @@ class Database:
             )
         if isinstance(exc, DatabaseUnavailableError) and not isinstance(exc, ConnectionLostError):
             # Say which server was tried, so "connection refused" is actionable.
-            return DatabaseUnavailableError(f"cannot reach PostgreSQL at {self.describe_target()}: {exc}")
+            where = self.describe_target(direct=direct)
+            return DatabaseUnavailableError(f"cannot reach PostgreSQL at {where}: {exc}")
         return exc
 
-    def describe_target(self) -> str:
-        """Where this Database connects, for messages (never includes a password)."""
+    def describe_target(self, *, direct: bool = False) -> str:
+        """Where this Database connects (``direct``: where ``connect()`` goes), for messages (never
+        includes a password)."""
         s = self.settings
+        if direct and s.database_direct_url is not None:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(s.database_direct_url.get_secret_value())
+            return f"{parts.hostname or 'localhost'}:{parts.port or 5432} (DATABASE_DIRECT_URL)"
         if s.target == "embedded":
             where = self.embedded_server.socket_dir if self.embedded_server else s.dash_data_dir
             return f"the embedded server ({where})"
@@ -228,26 +291,52 @@ class Database:
             self.embedded_server = await provision.start_embedded(self.settings.dash_data_dir)
         return self.embedded_server
 
+    @property
+    def can_hold_session(self) -> bool:
+        """Whether ``connect()`` can give a connection that keeps session state: not behind a
+        transaction-mode pooler (POSTGRES_POOLER=transaction) unless DATABASE_DIRECT_URL is set."""
+        s = self.settings
+        return s.database_direct_url is not None or not s.session_state_needs_direct
+
     async def connect(self, database: str | None = None) -> asyncpg.Connection[Record]:
-        """A dedicated connection outside the pool (for advisory locks, admin work). Caller closes it."""
-        kwargs = await self.connect_kwargs(database)
+        """A dedicated connection outside the pool, for session state (advisory locks, LISTEN) and
+        admin work. Caller closes it.
+
+        It goes to DATABASE_DIRECT_URL when that is set (around any pooler), else where the pool
+        goes. Behind a transaction-mode pooler (POSTGRES_POOLER=transaction) session state would
+        not survive a transaction, so there it needs DATABASE_DIRECT_URL: ConfigurationError without.
+        """
+        s = self.settings
+        direct = s.direct_connect_kwargs(database=database)
+        if direct is None and not self.can_hold_session:
+            raise ConfigurationError(
+                "DATABASE_DIRECT_URL is not set, and this needs a connection that keeps session "
+                "state (migrations, advisory locks, LISTEN): behind a transaction-mode pooler "
+                "(POSTGRES_POOLER=transaction) that state would be lost between transactions. Set "
+                "DATABASE_DIRECT_URL to the URL of the PostgreSQL server itself, not the pooler's",
+                variable="DATABASE_DIRECT_URL",
+            )
+        kwargs = direct if direct is not None else await self.connect_kwargs(database)
 
         async def attempt(_: int) -> asyncpg.Connection[Record]:
             try:
                 con: asyncpg.Connection[Record] = await asyncpg.connect(**kwargs)
             except TimeoutError as exc:
                 raise self._connect_timeout() from exc
-            await init_connection(con)
+            await connection_init(self.settings)(con)
             return con
 
         try:
             return await retry_call(attempt, self.policy, what="connect")
         except DashStorageError as exc:
-            raise _with_flags(self._explain_connect_failure(exc), exc) from exc.__cause__
+            explained = self._explain_connect_failure(exc, direct=direct is not None)
+            raise _with_flags(explained, exc) from exc.__cause__
 
     async def close(self) -> None:
         """Close the pool gracefully (waits for connections in use to be released)."""
         self._closed = True
+        if self.replicas is not None:
+            await self.replicas.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -281,6 +370,8 @@ class Database:
             return con
         for _ in range(self._replay_limit):
             log.debug("pooled connection was closed by the server while idle; replacing it")
+            if self.telemetry is not None:
+                self.telemetry.replayed("idle")
             discard(con)
             await release(pool, con)
             con = await self._checkout(pool)
@@ -294,19 +385,22 @@ class Database:
         )
 
     async def _checkout(self, pool: asyncpg.Pool) -> Connection:
-        if driver.idle_count(pool):
-            # A connection is free: skip the timeout, whose wait_for() costs a task per call.
-            try:
-                return await pool.acquire()
-            except TimeoutError as exc:  # replacing a closed connection timed out
-                raise self._connect_timeout() from exc
-            except Exception as exc:
-                if not is_driver_error(exc):
-                    raise
-                raise map_error(exc) from exc
+        # A connection is free: take it at once, no timeout needed.
+        try:
+            con: Connection | None = await driver.acquire_idle(pool)
+        except TimeoutError as exc:  # replacing a closed connection timed out
+            raise self._connect_timeout() from exc
+        except Exception as exc:
+            if not is_driver_error(exc):
+                raise
+            raise map_error(exc) from exc
+        if con is not None:
+            return con
         self._waiting += 1
         try:
-            return await pool.acquire(timeout=self._acquire_timeout)
+            # Not acquire(timeout=...): its wait_for() starts a task per call (Python 3.11).
+            async with asyncio.timeout(self._acquire_timeout):
+                return await pool.acquire()
         except TimeoutError as exc:
             size, idle = pool.get_size(), pool.get_idle_size()
             if size - idle >= self.settings.postgres_max_pool_size:
@@ -355,7 +449,7 @@ class Database:
             con = await self._acquire(pool)
             mark = driver.mark(con)
             try:
-                return await getattr(con, method)(query, *args, timeout=timeout)
+                return await getattr(driver.connection_of(con), method)(query, *args, timeout=timeout)
             except Exception as exc:
                 if not is_transient(exc):
                     raise map_error(exc) from exc
@@ -364,12 +458,10 @@ class Database:
                 if not unsent or replays >= self._replay_limit:
                     raise map_error(exc) from exc
                 log.debug("pooled connection was dead (%s); using another", type(exc).__name__)
+                if self.telemetry is not None:
+                    self.telemetry.replayed("unsent")
             finally:
-                try:
-                    await pool.release(con)
-                except Exception as exc:  # as connections.release: the pool replaces it
-                    if not is_driver_error(exc):
-                        raise
+                await release(pool, con, self._waiting)
             replays += 1
 
     async def _call(
@@ -377,34 +469,49 @@ class Database:
     ) -> Any:
         if not retry:
             return await self._once(method, query, args, timeout)
+        return await self._retried(method, query, args, timeout)
+
+    async def _retried(self, method: str, query: str, args: Sequence[Any], timeout: float | None) -> Any:
+        # The first try runs outside the retry loop, which only a failure needs.
+        try:
+            return await self._once(method, query, args, timeout)
+        except Exception as exc:
+            failed = exc
         return await retry_call(
-            lambda _a: self._once(method, query, args, timeout), self.policy, what="query"
+            lambda _a: self._once(method, query, args, timeout), self.policy, what="query", failed=failed
         )
 
-    def _retried(self, method: str, query: str, args: Sequence[Any], timeout: float | None) -> Awaitable[Any]:
-        return retry_call(lambda _a: self._once(method, query, args, timeout), self.policy, what="query")
-
     async def fetch(
-        self, query: str, *args: Any, retry: bool = False, timeout: float | None = None
+        self, query: str, *args: Any, retry: bool = False, timeout: float | None = None, replica: bool = False
     ) -> list[Record]:
-        """Rows of one statement. ``retry=True`` only for reads and idempotent writes."""
+        """Rows of one statement. ``retry=True`` only for reads and idempotent writes. ``replica=True``
+        only for a read-only statement: it may then go to a read replica (DATABASE_READ_URL), which
+        has every earlier write of this Database (see ``core.replicas``)."""
+        if self.replicas is not None:
+            return await self.replicas.call("fetch", query, args, retry, timeout, replica)  # type: ignore[no-any-return]
         if retry:
             return await self._retried("fetch", query, args, timeout)  # type: ignore[no-any-return]
         return await self._once("fetch", query, args, timeout)  # type: ignore[no-any-return]
 
     async def fetchrow(
-        self, query: str, *args: Any, retry: bool = False, timeout: float | None = None
+        self, query: str, *args: Any, retry: bool = False, timeout: float | None = None, replica: bool = False
     ) -> Record | None:
+        if self.replicas is not None:
+            return await self.replicas.call("fetchrow", query, args, retry, timeout, replica)  # type: ignore[no-any-return]
         if retry:
             return await self._retried("fetchrow", query, args, timeout)  # type: ignore[no-any-return]
         return await self._once("fetchrow", query, args, timeout)  # type: ignore[no-any-return]
 
     async def fetchval(
-        self, query: str, *args: Any, retry: bool = False, timeout: float | None = None
+        self, query: str, *args: Any, retry: bool = False, timeout: float | None = None, replica: bool = False
     ) -> Any:
+        if self.replicas is not None:
+            return await self.replicas.call("fetchval", query, args, retry, timeout, replica)
         return await self._call("fetchval", query, args, retry, timeout)
 
     async def execute(self, query: str, *args: Any, retry: bool = False, timeout: float | None = None) -> str:
+        if self.replicas is not None:
+            return await self.replicas.call("execute", query, args, retry, timeout, False)  # type: ignore[no-any-return]
         return await self._call("execute", query, args, retry, timeout)  # type: ignore[no-any-return]
 
     async def run(
@@ -419,23 +526,32 @@ class Database:
         any ``fn`` whose work before its first statement can happen twice.
         """
 
-        async def once(attempt: int) -> T:
-            # A connection found dead before ``fn`` sent anything on it is replaced: nothing was
-            # applied, so this is not a retry and holds for any ``fn``.
-            for replay in range(self._replay_limit + 1):
-                ctx = Transaction(self, None) if transaction else Acquired(self)
-                try:
-                    async with ctx as con:
-                        return await fn(con, attempt)
-                except DashStorageError:
-                    if not ctx.untouched or replay == self._replay_limit:
-                        raise
-                    log.debug("pooled connection was dead before use; using another")
-            raise AssertionError("unreachable")
-
         if not retry:
-            return await once(1)
-        return await retry_call(once, self.policy, what="operation")
+            return await self._run(fn, 1, transaction)
+        # The first try runs outside the retry loop, which only a failure needs.
+        try:
+            return await self._run(fn, 1, transaction)
+        except Exception as exc:
+            failed = exc
+        return await retry_call(
+            lambda attempt: self._run(fn, attempt, transaction), self.policy, what="operation", failed=failed
+        )
+
+    async def _run(self, fn: Callable[[Connection, int], Awaitable[T]], attempt: int, transaction: bool) -> T:
+        """One try of ``run``. A connection found dead before ``fn`` sent anything on it is
+        replaced: nothing was applied, so this is not a retry and holds for any ``fn``."""
+        for replay in range(self._replay_limit + 1):
+            ctx = Transaction(self, None) if transaction else Acquired(self)
+            try:
+                async with ctx as con:
+                    return await fn(con, attempt)
+            except DashStorageError:
+                if not ctx.untouched or replay == self._replay_limit:
+                    raise
+                log.debug("pooled connection was dead before use; using another")
+                if self.telemetry is not None:
+                    self.telemetry.replayed("block")
+        raise AssertionError("unreachable")
 
     # -- observability ------------------------------------------------------------------------
 

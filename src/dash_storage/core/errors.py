@@ -61,11 +61,14 @@ def register_secret(value: str | None) -> None:
 
 
 def scrub(text: str) -> str:
-    """Remove every registered secret, and any ``user:password@`` part of a URL, from ``text``."""
+    """Remove every registered secret, and any ``user:password@`` part of a URL, from ``text``.
+
+    A secret is removed where it stands on its own, not where it is only part of a longer word:
+    the password "postgres" is hidden, the scheme "postgresql://" is not garbled."""
     text = _URL_PASSWORD.sub(r"\g<scheme>:***@", text)
     for secret in sorted(_SECRETS, key=len, reverse=True):
         if secret in text:
-            text = text.replace(secret, "***")
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", "***", text)
     return text
 
 
@@ -221,6 +224,8 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if driver.message_is_ssl_rejected(exc):
         return False  # the server has no TLS: every retry would be refused the same way
+    if driver.message_is_pooler_login_rejected(exc) or driver.message_is_pooler_unknown_database(exc):
+        return False  # a pooler's refusal of the login or the database: the same on every retry
     state = _sqlstate(exc)
     if state is not None and (state in _UNAVAILABLE_SQLSTATES or state in _SERIALIZATION_SQLSTATES):
         return True
@@ -349,6 +354,13 @@ def map_error(exc: BaseException, *, context: str | None = None) -> DashStorageE
             f"{prefix}the server does not accept TLS connections, but POSTGRES_SSL (or sslmode in "
             "DATABASE_URL) requires TLS: enable ssl on the server, or set POSTGRES_SSL=disable",
             variable="POSTGRES_SSL",
+        )
+    if driver.message_is_missing_statement(exc):
+        return ConfigurationError(
+            f"{prefix}{detail}: a statement prepared on this connection is not on the server process "
+            "that ran the next one, so a transaction-mode pooler sits in front of the server. Set "
+            "POSTGRES_POOLER=transaction (and DATABASE_DIRECT_URL for migrations and LISTEN)",
+            variable="POSTGRES_POOLER",
         )
     if connection_lost(exc):
         return ConnectionLostError(f"{prefix}{_lost_message(exc)} ({detail})")

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from dash_storage.core.errors import (
@@ -44,6 +44,9 @@ class RetryPolicy:
     attempts: int = 3
     delay: float = 1.0
     max_delay: float = 30.0
+    #: Told of every retry: ``observer(what, attempt that failed, its error, wait before the next)``
+    #: (a Database with telemetry counts them; None costs nothing, and the first try never calls it).
+    observer: Callable[[str, int, BaseException, float], None] | None = field(default=None, compare=False)
 
     def backoff(self, retry_number: int) -> float:
         ceiling = min(self.max_delay, self.delay * (2 ** (retry_number - 1)))
@@ -55,6 +58,7 @@ async def retry_call(
     policy: RetryPolicy,
     *,
     what: str = "database call",
+    failed: Exception | None = None,
 ) -> T:
     """Run ``op(attempt)`` and retry it on transient failures per ``policy``.
 
@@ -62,10 +66,16 @@ async def retry_call(
     a retry from a first try. Non-transient errors, timeouts and errors that an inner retry loop
     already gave up on are raised at once; every error leaves as a DashStorageError with the
     driver's exception as its cause. The first retry after a lost connection goes without delay.
+
+    ``failed``: the first try already ran outside (a caller's fast path, which skips this loop
+    while nothing fails) and raised this; the loop goes on from there as if ``op(1)`` had raised it.
     """
     attempt = 1
     while True:
         try:
+            if failed is not None:
+                first, failed = failed, None
+                raise first
             return await op(attempt)
         except Exception as exc:
             if attempt > policy.attempts or not is_retryable(exc) or exhausted(exc):
@@ -84,6 +94,8 @@ async def retry_call(
                 policy.attempts,
                 wait,
             )
+            if policy.observer is not None:
+                policy.observer(what, attempt, exc, wait)
             if wait:
                 await asyncio.sleep(wait)
             attempt += 1

@@ -186,9 +186,11 @@ def check_money(value: Any, field: str, *, optional: bool = False) -> Decimal | 
         raise ValidationError(field, f"must not be negative, got {value}")
     if value >= MONEY_MAX:
         raise ValidationError(field, f"must be below {MONEY_MAX:E}, got {value}")
-    normalized = value.normalize()
-    exponent = normalized.as_tuple().exponent
+    exponent = value.as_tuple().exponent
     assert isinstance(exponent, int)
+    if -exponent > MONEY_SCALE:  # maybe only trailing zeros (1.00000000000): look again without them
+        exponent = value.normalize().as_tuple().exponent
+        assert isinstance(exponent, int)
     if -exponent > MONEY_SCALE:
         raise ValidationError(
             field, f"has more than {MONEY_SCALE} decimal places ({value}); amounts are never rounded"

@@ -6,13 +6,16 @@ per batch. Events are COPYed (binary) into a session TEMP table and moved with o
 ``INSERT INTO events SELECT ... ON CONFLICT (id) DO NOTHING``, one transaction per batch, by
 writers on their own connections (:func:`write_event_batches`). A connection that made the staging
 table is closed when its writer stops, never handed back to the pool: pooled connections carry no
-session state (the pool does not reset them). In a dry run the writers only count, with the
+session state (the pool does not reset them). Behind a transaction-mode pooler a session's TEMP table
+would stay on a server connection the next transaction may not get, so there each batch's
+transaction makes its own (``ON COMMIT DROP``). In a dry run the writers only count, with the
 ``COUNT_*`` statements, how many rows would be new.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -27,7 +30,9 @@ __all__ = [
     "COUNT_BUDGETS_SQL",
     "COUNT_EVENTS_SQL",
     "COUNT_SWARMS_SQL",
+    "CREATE_EVENTS_STAGE_IN_TX_SQL",
     "CREATE_EVENTS_STAGE_SQL",
+    "ENSURE_PARTITIONS_FOR_STAGE_SQL",
     "FIND_AGENTS_SQL",
     "FIND_SWARMS_SQL",
     "INSERT_AGENTS_SQL",
@@ -106,12 +111,26 @@ CREATE TEMP TABLE IF NOT EXISTS dash_import_events (
     entity_type text, severity text
 ) ON COMMIT DELETE ROWS
 """
-# Move one staged batch into events; existing ids are left alone.
+# The same, made inside one batch's transaction and dropped at its end (behind a transaction-mode
+# pooler, where the next transaction may run on another server connection).
+CREATE_EVENTS_STAGE_IN_TX_SQL: Final = """
+CREATE TEMP TABLE IF NOT EXISTS dash_import_events (
+    id uuid, swarm_id uuid, agent_id uuid, type text, payload text, "timestamp" timestamptz,
+    entity_type text, severity text
+) ON COMMIT DROP
+"""
+# The partitions of events that one staged batch needs, created if missing ($1: the width of a new
+# one): events of any age are imported, and events has no default partition.
+ENSURE_PARTITIONS_FOR_STAGE_SQL: Final = """
+SELECT dash_event_partitions_ensure(
+    ARRAY(SELECT DISTINCT COALESCE("timestamp", now()) FROM pg_temp.dash_import_events), $1::interval)
+"""
+# Move one staged batch into events; existing events (same id and time) are left alone.
 INSERT_EVENTS_FROM_STAGE_SQL: Final = """
 INSERT INTO events (id, swarm_id, agent_id, type, payload, "timestamp", entity_type, severity)
 SELECT id, swarm_id, agent_id, type, payload::jsonb, COALESCE("timestamp", now()), entity_type, severity
 FROM pg_temp.dash_import_events
-ON CONFLICT (id) DO NOTHING
+ON CONFLICT (id, "timestamp") DO NOTHING
 """
 # Where each batch is COPYed (the table CREATE_EVENTS_STAGE_SQL makes), and its columns.
 EVENTS_STAGE_TABLE: Final = "dash_import_events"
@@ -199,8 +218,17 @@ async def write_agents(con: Connection, batch: Batch, dry_run: bool) -> tuple[in
 # -- events: COPY into a session TEMP table, then INSERT ... SELECT ---------------------------------
 
 
-async def write_events(con: Connection, batch: Batch, dry_run: bool) -> int:
-    """Write one event batch in one transaction (the staging table must exist): events written."""
+async def write_events(
+    con: Connection,
+    batch: Batch,
+    dry_run: bool,
+    *,
+    stage_in_tx: bool = False,
+    partition_width: dt.timedelta = dt.timedelta(days=1),
+) -> int:
+    """Write one event batch in one transaction: events written. The staging table must exist,
+    unless ``stage_in_tx``: then the transaction makes it. Missing partitions (of
+    ``partition_width``) are created first."""
     if not batch.records:
         return 0
     if dry_run:
@@ -208,12 +236,15 @@ async def write_events(con: Connection, batch: Batch, dry_run: bool) -> int:
         present = await con.fetchval(COUNT_EVENTS_SQL, distinct)
         return len(distinct) - int(present)
     async with transaction_on(con):
+        if stage_in_tx:
+            await con.execute(CREATE_EVENTS_STAGE_IN_TX_SQL)
         await con.copy_records_to_table(
             EVENTS_STAGE_TABLE,
             records=batch.records,
             columns=EVENTS_STAGE_COLUMNS,
             schema_name=EVENTS_STAGE_SCHEMA,
         )
+        await con.execute(ENSURE_PARTITIONS_FOR_STAGE_SQL, partition_width)
         status = await con.execute(INSERT_EVENTS_FROM_STAGE_SQL)
     return _rowcount(status)
 
@@ -235,10 +266,11 @@ async def write_event_batches(
     transaction; the pool opens a fresh connection when it next needs one.
     """
     held: list[Batch] = []  # the batch being written (kept across a reconnect)
+    stage_in_tx = db.settings.postgres_pooler == "transaction"
 
     async def loop(con: Connection, _attempt: int) -> None:
         try:
-            if not dry_run:
+            if not dry_run and not stage_in_tx:
                 await con.execute(CREATE_EVENTS_STAGE_SQL)
             while True:
                 if not held:
@@ -246,7 +278,13 @@ async def write_event_batches(
                     if item is None:
                         return
                     held.append(item)
-                written = await write_events(con, held[0], dry_run)
+                written = await write_events(
+                    con,
+                    held[0],
+                    dry_run,
+                    stage_in_tx=stage_in_tx,
+                    partition_width=db.settings.event_partition_size,
+                )
                 commit(held.pop(), written)
         finally:
             if not dry_run:

@@ -7,7 +7,8 @@ of its bytes, so an applied file that was edited afterwards is detected ("modifi
 refuses to run until it is resolved.
 
 ``migrate`` works on a dedicated connection (never a pooled one: the pool does not reset session
-state, and the advisory lock is session state) and holds ``pg_advisory_lock`` for the whole run,
+state, and the advisory lock is session state), to DATABASE_DIRECT_URL when that is set (around a
+pooler; behind a transaction-mode pooler it must be), and holds ``pg_advisory_lock`` for the whole run,
 so two runners started at once apply every file exactly once. Each file runs in its own
 transaction together with its ``_migrations`` row; a file whose header has the line
 ``-- dash:no-transaction`` runs statement by statement outside a transaction instead (for
@@ -222,7 +223,7 @@ class MigrationRunner:
 
 def _connect_error(db: Database, exc: DashStorageError) -> DashStorageError:
     """A failed connect, said with the server that was tried (as the pooled connects say it)."""
-    target = db.describe_target()
+    target = db.describe_target(direct=True)
     if isinstance(exc, DatabaseUnavailableError) and target not in str(exc):
         return DatabaseUnavailableError(f"cannot reach PostgreSQL at {target}: {exc}")
     return exc

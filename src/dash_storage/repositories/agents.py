@@ -171,7 +171,7 @@ class AgentRepository(Repository):
 
     async def find_by_id(self, id: uuid.UUID | str) -> Agent | None:
         """The agent with this id, or None."""
-        return await self._one(Agent, SELECT_AGENT_BY_ID, v.check_uuid(id, "id"))
+        return await self._one(Agent, SELECT_AGENT_BY_ID, v.check_uuid(id, "id"), replica=True)
 
     async def find_by_swarm_id(
         self, swarm_id: uuid.UUID | str, limit: int | None = None, offset: int | None = None
@@ -225,22 +225,22 @@ class AgentRepository(Repository):
         """Number of agents matching every given filter."""
         swarm, values = self._filters(swarm_id, status, lifecycle_state, model)
         if swarm is None and values == _NO_FILTER:
-            count = await self.db.fetchval(COUNT_ALL, retry=True)
+            count = await self.db.fetchval(COUNT_ALL, retry=True, replica=True)
         elif swarm is None:
-            count = await self.db.fetchval(COUNT_WHERE, *values, retry=True)
+            count = await self.db.fetchval(COUNT_WHERE, *values, retry=True, replica=True)
         elif values == _NO_FILTER:
-            count = await self.db.fetchval(COUNT_OF_SWARM, swarm, retry=True)
+            count = await self.db.fetchval(COUNT_OF_SWARM, swarm, retry=True, replica=True)
         else:
-            count = await self.db.fetchval(COUNT_IN_SWARM_WHERE, *values, swarm, retry=True)
+            count = await self.db.fetchval(COUNT_IN_SWARM_WHERE, *values, swarm, retry=True, replica=True)
         return int(count)
 
     async def get_counts_by_status(self, swarm_id: uuid.UUID | str | None = None) -> dict[str, int]:
         """Agents per status (every status present, zero-filled), for one swarm or all."""
         swarm = v.check_uuid(swarm_id, "swarm_id", optional=True)
         if swarm is None:
-            rows = await self.db.fetch(COUNT_BY_STATUS, retry=True)
+            rows = await self.db.fetch(COUNT_BY_STATUS, retry=True, replica=True)
         else:
-            rows = await self.db.fetch(COUNT_BY_STATUS_IN_SWARM, swarm, retry=True)
+            rows = await self.db.fetch(COUNT_BY_STATUS_IN_SWARM, swarm, retry=True, replica=True)
         counts = dict.fromkeys((s.value for s in AgentStatus), 0)
         for status, n in rows:
             counts[status] = int(n)

@@ -144,13 +144,19 @@ def written_by_us(row: Any, expected: Mapping[str, Any]) -> bool:
 class Repository:
     """A repository runs its SQL on ``db``: the one given, else the shared default from the environment.
 
-    A Database passed in belongs to the caller; repositories never close it.
+    A Database passed in belongs to the caller; repositories never close it. When that Database
+    (or the shared default, at the time the repository is made) has telemetry, the instance becomes
+    its traced subclass (``repositories.traced``): a span per public call; otherwise it is untouched.
     """
 
     __slots__ = ("_db",)
 
     def __init__(self, db: Database | None = None) -> None:
         self._db = db
+        if (db if db is not None else get_database()).telemetry is not None:
+            from dash_storage.repositories.traced import traced_class
+
+            self.__class__ = traced_class(type(self))
 
     @property
     def db(self) -> Database:
@@ -162,15 +168,19 @@ class Repository:
 
     # -- what the repositories' methods share ---------------------------------------------------
 
-    async def _one(self, make: Callable[..., R], statement: str, *args: Any, retry: bool = True) -> R | None:
+    async def _one(
+        self, make: Callable[..., R], statement: str, *args: Any, retry: bool = True, replica: bool = False
+    ) -> R | None:
         """The record ``make`` builds from the row ``statement`` returns, or None if there is none.
-        Retried on a lost connection unless ``retry`` is False (a write that could apply twice)."""
-        row = await self.db.fetchrow(statement, *args, retry=retry)
+        Retried on a lost connection unless ``retry`` is False (a write that could apply twice).
+        ``replica``: a read-only statement, which a read replica may serve."""
+        row = await self.db.fetchrow(statement, *args, retry=retry, replica=replica)
         return make(*row) if row is not None else None
 
     async def _many(self, make: Callable[..., R], statement: str, *args: Any) -> list[R]:
-        """The records ``make`` builds from the rows ``statement`` returns (a read: retried)."""
-        return [make(*row) for row in await self.db.fetch(statement, *args, retry=True)]
+        """The records ``make`` builds from the rows ``statement`` returns (a read: retried, and a
+        read replica may serve it)."""
+        return [make(*row) for row in await self.db.fetch(statement, *args, retry=True, replica=True)]
 
     async def _update(
         self, make: Callable[..., R], update: str, find: str, row_id: Any, *fields: tuple[bool, Any]

@@ -58,15 +58,17 @@ from decimal import Decimal
 from typing import Any
 
 from dash_storage import sql
-from dash_storage.core.database import Database
+from dash_storage.core.database import Connection, Database, Record
 from dash_storage.core.errors import ConflictError, DatabaseUnavailableError, is_transient
 from dash_storage.core.models import Budget, ConsumeResult, ConsumeStatus
 from dash_storage.core.retry import RetryPolicy, retry_call
+from dash_storage.repositories.budget_turns import BudgetTurns, turns_for
 
 __all__ = [
     "BATCH_RETRIES",
     "CONSUME",
     "CONSUME_BATCH",
+    "CONSUME_NEW",
     "MAX_BATCH",
     "SELECT_LEDGER_BY_KEY",
     "SELECT_LEDGER_BY_KEYS",
@@ -82,12 +84,16 @@ __all__ = [
 _Q = sql.load("budgets")
 #: One consume in one statement.
 CONSUME = _Q["consume"]
+#: ``CONSUME`` for a key that cannot be in the ledger yet (generated for the call, never sent).
+CONSUME_NEW = _Q["consume_new"]
 #: A batch of consumes of one budget in one statement, granted greedily in arrival order.
 CONSUME_BATCH = _Q["consume_batch"]
 #: The ledger row of one idempotency key.
 SELECT_LEDGER_BY_KEY = _Q["ledger_by_key"]
 #: The ledger rows of several keys.
 SELECT_LEDGER_BY_KEYS = _Q["ledger_by_keys"]
+#: One budget, as it stands (the refusal of a fresh request that cannot fit: see consume_one).
+SELECT_BUDGET_BY_ID = _Q["find_by_id"]
 
 #: Most requests sent in one statement. The greedy walk costs a few microseconds per request
 #: (more for long batches), so a cap keeps the row lock short; the rest go in the next batch.
@@ -110,6 +116,7 @@ class ConsumeRequest:
         "copies",
         "cost",
         "error",
+        "fresh",
         "key",
         "ledger_id",
         "result",
@@ -117,11 +124,23 @@ class ConsumeRequest:
         "waiter",
     )
 
-    def __init__(self, budget_id: uuid.UUID, tokens: int, cost: Decimal, key: str, ledger_id: uuid.UUID):
+    def __init__(
+        self,
+        budget_id: uuid.UUID,
+        tokens: int,
+        cost: Decimal,
+        key: str,
+        ledger_id: uuid.UUID,
+        *,
+        fresh: bool = False,
+    ):
         self.budget_id = budget_id
         self.tokens = tokens
         self.cost = cost
         self.key = key
+        #: The key cannot be in the ledger: generated for this call, and the request not sent yet.
+        #: Cleared when it is first sent (whatever comes back, an earlier try may have written it).
+        self.fresh = fresh
         #: Chosen before the first attempt, so a retry recognises its own ledger row.
         self.ledger_id = ledger_id
         self.result: ConsumeResult | None = None
@@ -198,19 +217,88 @@ async def consume_one(db: Database, req: ConsumeRequest) -> ConsumeResult:
     the same key and ledger id, so it can never charge twice): a refusal although the budget it
     saw had room (a concurrent change refused it, and may be a same-key charge), and the unique
     index refusing the ledger row (a same-key charge committed meanwhile; nothing was applied).
+
+    A fresh request (its key generated for this call, never sent) goes as ``CONSUME_NEW``, which
+    skips the ledger look-up, until anything might have written its key: from a retry on (a lost
+    attempt may have charged it; the look-up then finds that charge, ours by its ledger id) or a
+    refusal by the unique index, it is ``CONSUME``.
+
+    The consumes of one budget take turns (``budget_turns``), except one that does not fit the
+    budget as the latest answer showed it (most likely refused, which takes no lock): see
+    ``_without_turn``.
     """
-    bid, tok, amount, key = req.budget_id, req.tokens, req.cost, req.key
+    turns = turns_for(db)
+    bid = req.budget_id
+    if _no_room(turns, req):
+        return await _without_turn(db, req, turns)
+    await turns.take(bid)
+    if _no_room(turns, req):  # it ran out while we waited
+        turns.give_back(bid)
+        return await _without_turn(db, req, turns)
+    try:
+        return await _consume(db, req, turns)
+    finally:
+        turns.give_back(bid)
+
+
+def _no_room(turns: BudgetTurns, req: ConsumeRequest) -> bool:
+    """The latest answer showed the budget without room for ``req``."""
+    seen = turns.seen(req.budget_id)
+    return seen is not None and not _fits(seen, req.tokens, req.cost)
+
+
+async def _without_turn(db: Database, req: ConsumeRequest, turns: BudgetTurns) -> ConsumeResult:
+    """A consume that the latest answer showed cannot fit, sent without a turn.
+
+    A fresh request's key cannot be in the ledger, so a plain read of the budget is enough to
+    refuse it: like the consume statement, it judges the request on a committed state, takes no
+    lock and writes nothing, and it costs both sides less. If the budget has room after all (it
+    grew meanwhile), the request is charged as usual, in its turn. Any other request may meet its
+    key in the ledger, which only the consume statement looks up.
+    """
+    if not req.fresh:
+        return await _consume(db, req, turns)
+    bid = req.budget_id
+    row = await db.fetchrow(SELECT_BUDGET_BY_ID, bid, retry=True)
+    if row is None:
+        turns.saw(bid, None)
+        return ConsumeResult(ConsumeStatus.NOT_FOUND, bid, req.key)
+    budget = Budget(*row)
+    turns.saw(bid, budget)
+    if not _fits(budget, req.tokens, req.cost):
+        return ConsumeResult(ConsumeStatus.INSUFFICIENT, bid, req.key, budget)
+    await turns.take(bid)
+    try:
+        return await _consume(db, req, turns)
+    finally:
+        turns.give_back(bid)
+
+
+async def _consume(db: Database, req: ConsumeRequest, turns: BudgetTurns) -> ConsumeResult:
+    """``consume_one`` once its turn came (or without one)."""
+    bid, tok, amount, key, lid = req.budget_id, req.tokens, req.cost, req.key, req.ledger_id
+    fresh, req.fresh = req.fresh, False
+
+    async def send(con: Connection, attempt: int) -> Record | None:
+        nonlocal fresh
+        if attempt > 1:
+            fresh = False
+        return await con.fetchrow(CONSUME_NEW if fresh else CONSUME, bid, tok, amount, key, lid)
+
     for ask in range(_ASK_AGAIN + 1):
         try:
-            row = await db.fetchrow(CONSUME, bid, tok, amount, key, req.ledger_id, retry=True)
+            row = await db.run(send, retry=True)
         except ConflictError as exc:
             if exc.constraint != _LEDGER_UNIQUE or ask == _ASK_AGAIN:
                 raise
+            fresh = False
             continue
         if row is None:
+            turns.saw(bid, None)
             return ConsumeResult(ConsumeStatus.NOT_FOUND, bid, key)
         granted, settled, prior_id, prior_tokens, prior_cost = row[:5]
         budget = Budget(*row[5:])
+        turns.saw(bid, budget)
         if granted:
             return ConsumeResult(ConsumeStatus.GRANTED, bid, key, budget)
         if prior_id is not None:
@@ -234,6 +322,8 @@ async def consume_many(db: Database, budget_id: uuid.UUID, batch: list[ConsumeRe
     counted a charge that another process had already made under the same key (see the module
     docstring); nothing was charged for it, and the caller judges it again in the next batch.
     """
+    for r in batch:
+        r.fresh = False  # from now on its key may be in the ledger
     args = (
         budget_id,
         [str(r.tokens) for r in batch],
@@ -241,7 +331,9 @@ async def consume_many(db: Database, budget_id: uuid.UUID, batch: list[ConsumeRe
         [r.key for r in batch],
         [str(r.ledger_id) for r in batch],
     )
-    policy = RetryPolicy(min(BATCH_RETRIES, db.policy.attempts), db.policy.delay, db.policy.max_delay)
+    policy = RetryPolicy(
+        min(BATCH_RETRIES, db.policy.attempts), db.policy.delay, db.policy.max_delay, db.policy.observer
+    )
     row = await retry_call(
         lambda _: db.fetchrow(CONSUME_BATCH, *args, retry=False), policy, what="consume batch"
     )
@@ -431,6 +523,8 @@ class ConsumeCombiner:
         """Run the batch and record every request's answer; never raises but CancelledError."""
         self.batches += 1
         self.requests += len(batch)
+        if db.telemetry is not None:
+            db.telemetry.consume_batch(len(batch))
         for r in batch:  # a rescue re-sends a batch that may hold answers of a cancelled attempt
             r.result = r.error = None
             r.alone = False

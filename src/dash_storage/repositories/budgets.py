@@ -11,11 +11,14 @@ Hot budgets: by default concurrent consumes of the SAME budget within one proces
 are combined into one statement and one commit (``budget_batcher.CONSUME_BATCH``), judged greedily
 in arrival order: each is granted if it fits the headroom the grants before it left, and one that
 does not fit leaves that headroom to later, smaller ones. A caller alone sends ``CONSUME`` at once.
-``BudgetRepository(db, combine=False)`` sends every consume on its own instead. See
-``budget_batcher`` for the details.
+``BudgetRepository(db, combine=False)`` sends every consume on its own instead; its concurrent
+consumes of one budget take turns in the process (``budget_turns``). See ``budget_batcher`` for the
+details.
 
 Idempotency: every consume carries a key (generated when the caller gives none), so a retry after a
-lost connection answers instead of charging twice. A repeated key answers ``DUPLICATE`` (granted)
+lost connection answers instead of charging twice. A key generated for the call cannot be in the
+ledger before it is first sent, so that first try skips the look-up (``CONSUME_NEW``); every retry
+looks it up. A repeated key answers ``DUPLICATE`` (granted)
 without charging again; a repeated key with different amounts is a ConflictError. Only granted
 charges are recorded: an ``INSUFFICIENT`` answer leaves no trace, so the same key may be granted
 later if the budget grows.
@@ -63,6 +66,7 @@ from dash_storage.repositories.base import ListReads, Repository, given, values_
 from dash_storage.repositories.budget_batcher import (
     CONSUME,
     CONSUME_BATCH,
+    CONSUME_NEW,
     SELECT_LEDGER_BY_KEY,
     SELECT_LEDGER_BY_KEYS,
     ConsumeRequest,
@@ -74,6 +78,7 @@ __all__ = [
     "BUDGET_ORDER_COLUMNS",
     "CONSUME",
     "CONSUME_BATCH",
+    "CONSUME_NEW",
     "SELECT_LEDGER_BY_KEY",
     "SELECT_LEDGER_BY_KEYS",
     "BudgetRepository",
@@ -118,9 +123,11 @@ def _currency(value: Any) -> str:
     return v.check_choice(value, CURRENCIES, "currency")
 
 
-def _key(value: Any) -> str:
+def _key(value: Any, ledger_id: uuid.UUID) -> str:
+    """The idempotency key of a consume: the caller's, else one made for the call (the text of its
+    ledger row's id, as unique as that id)."""
     if value is None:
-        return str(new_id())
+        return str(ledger_id)
     return v.check_text(value, "idempotency_key", allow_empty=False)
 
 
@@ -209,13 +216,13 @@ class BudgetRepository(Repository):
 
     async def find_by_id(self, id: uuid.UUID | str) -> Budget | None:
         """The budget with this id, or None."""
-        return await self._one(Budget, SELECT_BUDGET_BY_ID, v.check_uuid(id, "id"))
+        return await self._one(Budget, SELECT_BUDGET_BY_ID, v.check_uuid(id, "id"), replica=True)
 
     async def find_by_scope(self, scope_type: str, scope_id: uuid.UUID | str) -> Budget | None:
         """The budget of a scope (there is at most one), or None."""
         scope = _scope(scope_type)
         sid = v.check_uuid(scope_id, "scope_id")
-        return await self._one(Budget, SELECT_BUDGET_BY_SCOPE, scope, sid)
+        return await self._one(Budget, SELECT_BUDGET_BY_SCOPE, scope, sid, replica=True)
 
     async def find_by_swarm_id(
         self, swarm_id: uuid.UUID | str, limit: int | None = None
@@ -306,12 +313,14 @@ class BudgetRepository(Repository):
         again), INSUFFICIENT (does not fit: nothing charged or recorded) or NOT_FOUND. Safe to retry;
         a key reused with different amounts raises ConflictError.
         """
+        ledger_id = new_id()
         req = ConsumeRequest(
             v.check_uuid(budget_id, "budget_id"),
             v.check_int(tokens, "tokens", minimum=0),
             v.check_money(cost, "cost"),
-            _key(idempotency_key),
-            new_id(),
+            _key(idempotency_key, ledger_id),
+            ledger_id,
+            fresh=idempotency_key is None,
         )
         if self._combine:
             return await combiner_for(self.db).consume(req)
@@ -385,7 +394,7 @@ class BudgetRepository(Repository):
         currency). ``max_tokens`` is None (unlimited) if any budget is unlimited, and for a swarm
         without budgets (``budgets`` 0: nothing limits it), whose money figures are 0."""
         sid = v.check_uuid(swarm_id, "swarm_id")
-        row = await self.db.fetchrow(SELECT_SWARM_SUMMARY, sid, retry=True)
+        row = await self.db.fetchrow(SELECT_SWARM_SUMMARY, sid, retry=True, replica=True)
         assert row is not None
         count, allocated, consumed, max_tokens, used_tokens = row
         return SwarmBudgetSummary(

@@ -6,9 +6,11 @@ wrote, checks that they are the events sent (an id that belonged to another even
 ConflictError, never a success to adopt), and writes only the rest. A batch of fewer than
 ``COPY_MIN_BATCH`` events is one INSERT over arrays (one round trip), a bigger one binary COPY in
 one transaction, streamed: the client encodes the data piece by piece (generating the ids not
-given) and builds the events it returns while the server inserts what it was sent. A first
-attempt returns the events as sent, with the writing transaction's now() as every timestamp left
-out; a retry attempt reads back what the lost attempt stored.
+given) and builds the events it returns while the server inserts what it was sent. Timestamps left
+out are fixed before the first attempt (the database clock, see ``event_partitions.now``), so that
+every attempt sends the same key (id, timestamp) into the same partition, and the partitions they
+need are made first (``event_partitions.cover_rows``). A first attempt returns the events as sent;
+a retry attempt reads back what the lost attempt stored.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import uuid
-from collections.abc import Sequence
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar, cast
 
 import orjson
 
@@ -34,6 +36,7 @@ from dash_storage.core.errors import (
 )
 from dash_storage.core.ids import new_id
 from dash_storage.core.models import Event
+from dash_storage.repositories import event_partitions as partitions
 from dash_storage.repositories.base import missing_parent
 from dash_storage.repositories.event_copy import COPY_COLUMNS, COPY_TABLE, chunk_ranges, copy_chunk
 from dash_storage.repositories.event_input import EventRow, PendingRow, dump_payload, payload_json
@@ -47,38 +50,54 @@ COPY_MIN_BATCH = 96
 
 _Q = sql.load("events")
 INSERT_EVENT = _Q["insert_event"]
+INSERT_EVENT_CHECKED = _Q["insert_event_checked"]
 INSERT_EVENTS = _Q["insert_events"]
 INSERT_EVENTS_RETRY = _Q["insert_events_retry"]
 SELECT_EVENT_BY_ID = _Q["select_event_by_id"]
+SELECT_EVENT_BY_ID_FLAGGED = _Q["select_event_by_id_flagged"]
 SELECT_EVENTS_BY_IDS = _Q["select_events_by_ids"]
 SELECT_NOW = _Q["select_now"]
 SELECT_MISSING_PARENT = {"swarm": _Q["select_missing_swarm"], "agent": _Q["select_missing_agent"]}
 _PRIMARY_KEY = "events_pkey"
+T = TypeVar("T")
 # The columns of a batch that are often NULL throughout: agent_id, timestamp, correlation_id and
 # parent_event_id (positions in EventRow).
 _OPTIONAL_COLUMNS = (2, 5, 6, 7)
 
 
-async def insert_one(db: Database, row: EventRow) -> Event:
+async def insert_one(db: Database, row: EventRow, *, id_given: bool = True) -> Event:
     """Write one validated event (see ``check_event``); the event as stored.
 
     Raises NotFoundError naming the swarm or agent if it does not exist, ConflictError if the id
-    exists.
+    exists. ``id_given=False`` says the id was generated (a UUIDv7, which no stored event has), so
+    a first attempt need not look it up.
     """
 
     async def insert(con: Connection, attempt: int) -> Event:
-        stored = await con.fetchrow(INSERT_EVENT, *row)
-        if stored is None:
-            if attempt > 1:  # our own row if an attempt whose answer was lost wrote it
-                stored = await con.fetchrow(SELECT_EVENT_BY_ID, row[0])
-                if stored is not None and not _is_ours(stored, row, dump_payload(row[4], "payload")):
-                    raise _not_ours(row[0])
+        if attempt == 1 and not id_given:
+            stored = await con.fetchrow(INSERT_EVENT, *row)
             if stored is None:
-                raise ConflictError(f"event {row[0]} already exists", constraint=_PRIMARY_KEY)
-        return Event(*stored)
+                raise _exists(row[0])
+            return Event(*stored)
+        # An id that may be stored already, with this or another timestamp (the key is (id,
+        # timestamp)); on a retry it may be our own row, written by the attempt whose answer was
+        # lost. Found and written in one statement.
+        found = await con.fetchrow(INSERT_EVENT_CHECKED, *row)
+        if found is None:  # a concurrent insert of the same key committed first
+            found = await con.fetchrow(SELECT_EVENT_BY_ID_FLAGGED, row[0])
+            if found is None:
+                raise _exists(row[0])
+        if found[0]:
+            return Event(*found[1:])
+        if attempt > 1 and _is_ours(found[1:], row, dump_payload(row[4], "payload")):
+            return Event(*found[1:])
+        raise _not_ours(row[0]) if attempt > 1 else _exists(row[0])
 
+    if row[5] is None:
+        row = (*row[:5], await partitions.now(db), *row[6:])
+    await partitions.cover_rows(db, (row,))
     try:
-        return await db.run(insert, retry=True)
+        return await _with_partitions(db, (row,), lambda: db.run(insert, retry=True))
     except ConflictError as exc:
         entity = missing_parent(exc)
         if entity is None:
@@ -86,9 +105,34 @@ async def insert_one(db: Database, row: EventRow) -> Event:
         raise NotFoundError(entity, row[1] if entity == "swarm" else row[2]) from exc.__cause__
 
 
-async def insert_prepared(db: Database, rows: Sequence[PendingRow], payloads: Sequence[bytes]) -> list[Event]:
+async def _with_partitions(
+    db: Database, rows: Sequence[Sequence[Any]], write: Callable[[], Awaitable[T]]
+) -> T:
+    """Run ``write``; if no partition held one of its rows (another process pruned it since this
+    one last looked), create it and run ``write`` once more."""
+    try:
+        return await write()
+    except DashStorageError as exc:
+        if not partitions.missing_partition(exc):
+            raise
+    await partitions.forget(db)
+    await partitions.cover_rows(db, rows)
+    return await write()
+
+
+async def insert_prepared(
+    db: Database,
+    rows: Sequence[PendingRow],
+    payloads: Sequence[bytes],
+    *,
+    given: Sequence[bool] | None = None,
+) -> list[Event]:
     """Write validated events (see ``prepare_event`` / ``prepare_batch``) all or nothing; the
     stored events, in order.
+
+    ``given`` says, row by row, whether the id came from the caller (default: every id set in
+    ``rows``). Only those ids are looked up before the write: an id generated by ``prepare_event``
+    is a new UUIDv7 that no stored event has, and the look-up reads every partition.
 
     Retried on transient failures: ids are fixed, and a retry attempt writes only the events the
     lost attempt did not, so every event is stored once. A row without an id gets a new one just
@@ -98,10 +142,29 @@ async def insert_prepared(db: Database, rows: Sequence[PendingRow], payloads: Se
     if not rows:
         return []
     attempt = _copy_attempt if len(rows) >= COPY_MIN_BATCH else _insert_attempt
-    # One list that every attempt shares: the ids fixed by one are those of the next.
+    # One list that every attempt shares: the ids fixed by one are those of the next. Timestamps
+    # left out are fixed here, before the first attempt, for the same reason.
     pending = list(rows)
+    now: dt.datetime | None = None
+    for i, r in enumerate(pending):
+        if r[5] is None:
+            if now is None:
+                now = await partitions.now(db)
+            pending[i] = (*r[:5], now, *r[6:])
+    await partitions.cover_rows(db, pending)
+    if given is None:
+        check = [str(r[0]) for r in rows if r[0] is not None]
+    else:
+        check = [str(r[0]) for r, g in zip(rows, given, strict=True) if g]
+    if check:
+        # The key is (id, timestamp): an id stored with another timestamp is found only by a look-up.
+        found = await db.fetch(SELECT_EVENTS_BY_IDS, check, retry=True)
+        if found:
+            raise _exists(found[0][0])
     try:
-        return await db.run(functools.partial(attempt, pending, payloads), retry=True)
+        return await _with_partitions(
+            db, pending, lambda: db.run(functools.partial(attempt, pending, payloads), retry=True)
+        )
     except ConflictError as exc:
         entity = missing_parent(exc)
         if entity is None:
@@ -147,6 +210,10 @@ def _is_ours(stored: Any, row: EventRow, payload: bytes) -> bool:
     )
 
 
+def _exists(event_id: Any) -> ConflictError:
+    return ConflictError(f"event {event_id} already exists", constraint=_PRIMARY_KEY)
+
+
 def _not_ours(event_id: Any) -> ConflictError:
     return ConflictError(f"event {event_id} already exists (with other content)", constraint=_PRIMARY_KEY)
 
@@ -167,14 +234,16 @@ async def _insert_attempt(
     if attempt == 1:
         return _as_stored(rows, payloads, await con.fetchval(INSERT_EVENTS, *columns))
     # A retry. One transaction, so that finding another event's id rolls the whole batch back.
+    # The ids are looked up first (written by the attempt whose answer was lost, or another
+    # event's id, possibly with another timestamp, which the key (id, timestamp) would not catch).
     async with transaction_on(con):
-        by_id = {r[0]: r for r in await con.fetch(INSERT_EVENTS_RETRY, *columns)}
-        missing = {r[0]: (r, p) for r, p in zip(rows, payloads, strict=True) if r[0] not in by_id}
-        if missing:  # written by the attempt whose answer was lost, or another event's id
-            for r in await con.fetch(SELECT_EVENTS_BY_IDS, [str(i) for i in missing]):
-                if not _is_ours(r, *missing[r[0]]):
-                    raise _not_ours(r[0])
-                by_id[r[0]] = r
+        sent = {r[0]: (r, p) for r, p in zip(rows, payloads, strict=True)}
+        by_id: dict[Any, Any] = {}
+        for r in await con.fetch(SELECT_EVENTS_BY_IDS, [str(i) for i in sent]):
+            if not _is_ours(r, *sent[r[0]]):
+                raise _not_ours(r[0])
+            by_id[r[0]] = r
+        by_id.update((r[0], r) for r in await con.fetch(INSERT_EVENTS_RETRY, *columns))
     try:
         return [Event(*by_id[r[0]]) for r in rows]
     except KeyError as exc:
@@ -292,7 +361,11 @@ def _as_stored(rows: Sequence[EventRow], payloads: Sequence[bytes], now: dt.date
 
 
 def _duplicate_id(exc: Exception) -> bool:
-    """Is ``exc`` (as the driver raised it) an event id that already exists? Judged on the error
-    as core.errors maps it, the one place that reads driver errors."""
+    """Is ``exc`` (as the driver raised it) an event key that already exists? Judged on the error
+    as core.errors maps it, the one place that reads driver errors. The server names the primary
+    key of the partition that holds the row (events_p<start>_pkey)."""
     error = map_error(exc)
-    return isinstance(error, ConflictError) and error.constraint == _PRIMARY_KEY
+    name = error.constraint if isinstance(error, ConflictError) else None
+    return name is not None and (
+        name == _PRIMARY_KEY or (name.startswith("events_p") and name.endswith("_pkey"))
+    )

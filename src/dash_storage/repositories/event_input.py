@@ -116,6 +116,10 @@ PendingRow = tuple[
 ]
 
 
+#: What asyncpg sends as -infinity / infinity.
+_INFINITE = (dt.datetime.min.replace(tzinfo=dt.UTC), dt.datetime.max.replace(tzinfo=dt.UTC))
+
+
 def check_event(event: Mapping[str, Any], prefix: str = "") -> EventRow:
     """Validate one event given as a mapping of ``EventInput``; the id is generated if not given.
 
@@ -148,6 +152,9 @@ def _check_event(event: Mapping[str, Any], prefix: str, new: bool) -> PendingRow
             ts = ts.astimezone(dt.UTC)  # what the database stores and hands back
         except OverflowError:
             raise ValidationError(prefix + "timestamp", "is out of range once converted to UTC") from None
+        if ts in _INFINITE:
+            # asyncpg sends these as -infinity / infinity, which no time partition holds.
+            raise ValidationError(prefix + "timestamp", "must be after datetime.min and before datetime.max")
     event_id = v.check_uuid(get("id"), prefix + "id", optional=True)
     return (
         new_id() if event_id is None and new else event_id,
@@ -292,7 +299,7 @@ def _fast_event(event: dict[str, Any], new: bool) -> tuple[PendingRow, bytes] | 
         text = JSONB_VERSION + text
         data = payload
     ts = get("timestamp")
-    if ts is not None and (type(ts) is not _DATETIME or ts.tzinfo is not _UTC):
+    if ts is not None and (type(ts) is not _DATETIME or ts.tzinfo is not _UTC or ts in _INFINITE):
         return None
     corr = get("correlation_id")
     if corr is not None and (

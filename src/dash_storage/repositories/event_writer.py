@@ -40,8 +40,8 @@ __all__ = ["EventWriter"]
 
 log = logging.getLogger("dash_storage.event_writer")
 
-# A queued event: (validated row, payload JSON, the caller's future).
-_Item = tuple[EventRow, bytes, "asyncio.Future[Event]"]
+# A queued event: its row, its payload, its caller's future, and whether the caller gave the id.
+_Item = tuple[EventRow, bytes, "asyncio.Future[Event]", bool]
 
 
 class EventWriter:
@@ -131,7 +131,7 @@ class EventWriter:
         row, data = prepare_event({"swarm_id": swarm_id, "type": type, **fields})
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Event] = loop.create_future()
-        self._pending.append((row, data, future))
+        self._pending.append((row, data, future, fields.get("id") is not None))
         if self._task is None:
             self._task = loop.create_task(self._run(), name="dash-storage EventWriter")
         if len(self._pending) == 1:
@@ -233,6 +233,8 @@ class EventWriter:
     async def _write(self, batch: list[_Item]) -> None:
         """Write one batch and answer each of its callers."""
         try:
+            if self.db.telemetry is not None:
+                self.db.telemetry.event_batch(len(batch))
             await self._write_or_split(batch)
         except BaseException as exc:
             # A bug or a cancellation (the event loop shutting down): nobody may wait forever.
@@ -249,7 +251,12 @@ class EventWriter:
     async def _write_or_split(self, batch: list[_Item]) -> None:
         """Write the batch; if a row-level error fails it, bisect to isolate the culprits."""
         try:
-            events = await insert_prepared(self.db, [item[0] for item in batch], [item[1] for item in batch])
+            events = await insert_prepared(
+                self.db,
+                [item[0] for item in batch],
+                [item[1] for item in batch],
+                given=[item[3] for item in batch],
+            )
         except DashStorageError as exc:
             if len(batch) == 1 or not _may_concern_some_rows(exc):
                 _fail(batch, exc)

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import builtins
 import datetime as dt
+import time
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Unpack
@@ -30,6 +32,8 @@ from dash_storage import sql
 from dash_storage.core import validation as v
 from dash_storage.core.errors import ValidationError
 from dash_storage.core.models import Event, EventStats, EventTypeStats, Severity
+from dash_storage.repositories import event_partitions as partitions
+from dash_storage.repositories import event_rollups as rollups
 from dash_storage.repositories.base import Repository
 from dash_storage.repositories.event_cursor import decode_cursor, encode_cursor
 from dash_storage.repositories.event_filters import EventFilters, check_filters, count_sql, select_sql
@@ -45,16 +49,17 @@ from dash_storage.stream.follow import Follower, FollowOptions
 
 __all__ = ["EventFields", "EventInput", "EventRepository"]
 
+_last_rollup_check: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
 #: Largest ``hours`` window accepted by get_stats / delete_older_than (100 years).
 MAX_HOURS = 24 * 366 * 100
 #: Largest ``batch_size`` of delete_older_than.
 MAX_DELETE_BATCH = 100_000
 
 _Q = sql.load("events")
-SELECT_STATS = _Q["select_stats"]
 SELECT_STATS_24H = _Q["select_stats_24h"]
-SELECT_CUTOFF = _Q["select_cutoff"]
-DELETE_EVENTS_BATCH = _Q["delete_events_batch"]
+#: How often (seconds) get_stats checks, at most, whether the rollups lag far behind.
+ROLLUP_CHECK_INTERVAL = 10.0
 
 
 class EventRepository(Repository):
@@ -74,7 +79,8 @@ class EventRepository(Repository):
         Raises NotFoundError naming the swarm or agent if it does not exist, ConflictError if the
         id exists.
         """
-        return await insert_one(self.db, check_event({"swarm_id": swarm_id, "type": type, **fields}))
+        row = check_event({"swarm_id": swarm_id, "type": type, **fields})
+        return await insert_one(self.db, row, id_given=fields.get("id") is not None)
 
     async def create_many(self, events: Iterable[EventInput | Mapping[str, Any]]) -> builtins.list[Event]:
         """Append a batch, all or nothing; returns the events in input order, as stored.
@@ -84,10 +90,10 @@ class EventRepository(Repository):
         generated before the event is first sent, and every retry after a lost connection sends
         that one, so each event is stored exactly once. A batch of
         ``event_ingest.COPY_MIN_BATCH`` or more goes through binary COPY, a smaller one is one
-        INSERT statement. Timestamps not given are the database's ``now()`` of the writing
-        transaction. At most ``event_input.MAX_BATCH`` items. A missing swarm or agent fails the
-        batch with NotFoundError naming the first missing one (in input order); an existing id
-        with ConflictError.
+        INSERT statement. Timestamps not given are the database clock when the call is made, one
+        value for the whole batch. At most ``event_input.MAX_BATCH`` items. A missing swarm or
+        agent fails the batch with NotFoundError naming the first missing one (in input order);
+        an existing id with ConflictError.
         """
         rows, payloads = prepare_batch(events)
         if not rows:
@@ -96,7 +102,7 @@ class EventRepository(Repository):
 
     async def find_by_id(self, id: uuid.UUID | str) -> Event | None:
         """The event with this id, or None."""
-        row = await self.db.fetchrow(SELECT_EVENT_BY_ID, _id(id), retry=True)
+        row = await self.db.fetchrow(SELECT_EVENT_BY_ID, _id(id), retry=True, replica=True)
         return Event(*row) if row is not None else None
 
     async def find_by_agent_id(
@@ -147,7 +153,7 @@ class EventRepository(Repository):
         if cursor is not None:
             params.extend(cursor)
         statement = select_sql(filters, direction, cursor is not None)
-        rows = await self.db.fetch(statement, *params, retry=True)
+        rows = await self.db.fetch(statement, *params, retry=True, replica=True)
         return [Event(*r) for r in rows]
 
     async def count(self, **filters: Unpack[EventFilters]) -> int:
@@ -156,28 +162,37 @@ class EventRepository(Repository):
         if given is None:
             return 0
         names, values = given
-        return int(await self.db.fetchval(count_sql(names), *values, retry=True))
+        return int(await self.db.fetchval(count_sql(names), *values, retry=True, replica=True))
 
     async def get_stats(self, hours: float | Decimal = 24) -> EventStats:
         """Events of the last ``hours`` (database clock): total, by type, by severity (every severity,
-        zero-filled), from one query, so the three always agree."""
+        zero-filled), from one query, so the three always agree.
+
+        Exact: equal to counting the raw events this call's snapshot sees. It reads the hourly and
+        per-minute rollups plus at most a minute of raw events and those the rollups have not
+        reached yet (``dash-db maintain`` keeps that part small; should it grow large, a call
+        refreshes the rollups itself, at most every ``ROLLUP_CHECK_INTERVAL`` seconds)."""
         h = _hours(hours)
-        rows = await self.db.fetch(SELECT_STATS, h * 3600.0, retry=True)
+        rows = await rollups.counts(self.db, h * 3600.0)
         total = 0
         by_type: dict[str, int] = {}
         by_severity = {s.value: 0 for s in Severity}
         for g_type, g_severity, typ, sev, n in rows:
             if g_type and g_severity:
-                total = int(n)
+                total = int(n or 0)
             elif not g_type:
-                by_type[typ] = int(n)
+                by_type[typ] = int(n)  # type: ignore[index]
             else:
-                by_severity[sev] = int(n)
+                by_severity[sev] = int(n)  # type: ignore[index]
+        now = time.monotonic()
+        if now - _last_rollup_check.get(self.db, -ROLLUP_CHECK_INTERVAL) >= ROLLUP_CHECK_INTERVAL:
+            _last_rollup_check[self.db] = now
+            await rollups.refresh_if_behind(self.db)
         return EventStats(hours=h, total=total, by_type=by_type, by_severity=by_severity)
 
     async def get_stats_24h(self) -> builtins.list[EventTypeStats]:
         """Rows of the ``event_stats_24h`` view, busiest type first."""
-        rows = await self.db.fetch(SELECT_STATS_24H, retry=True)
+        rows = await self.db.fetch(SELECT_STATS_24H, retry=True, replica=True)
         return [EventTypeStats(*r) for r in rows]
 
     async def get_timeline(
@@ -210,23 +225,18 @@ class EventRepository(Repository):
         return await cursors.load_cursor(self.db, name)
 
     async def delete_older_than(self, cutoff: dt.datetime | float | Decimal, batch_size: int = 10_000) -> int:
-        """Delete events with timestamp before ``cutoff`` (a datetime, or a number of hours before
-        the database's now()), in batches of ``batch_size``, each its own statement. Returns the
-        number deleted (a batch whose answer was lost to a dropped connection is not counted)."""
+        """Delete the events before ``cutoff`` (a datetime, or a number of hours before the
+        database's now()) by dropping the partitions that lie wholly before it, with their rollups:
+        never row by row, so nothing is left to vacuum. A partition only partly before the cutoff
+        is kept until it lies wholly before it (``dash-db prune`` does the same). Returns the
+        number of events deleted. ``batch_size`` is checked but no longer used."""
         if isinstance(cutoff, dt.datetime):
-            when = v.check_timestamp(cutoff, "cutoff")
+            when: dt.datetime | dt.timedelta = v.check_timestamp(cutoff, "cutoff")
         else:
-            hours = _hours(cutoff, "cutoff")
-            when = await self.db.fetchval(SELECT_CUTOFF, hours * 3600.0, retry=True)
-        size = v.check_int(batch_size, "batch_size", minimum=1, maximum=MAX_DELETE_BATCH)
-        assert size is not None
-        total = 0
-        while True:
-            status = await self.db.execute(DELETE_EVENTS_BATCH, when, size, retry=True)
-            deleted = int(status.rsplit(" ", 1)[-1])
-            total += deleted
-            if deleted < size:
-                return total
+            when = dt.timedelta(hours=_hours(cutoff, "cutoff"))
+        v.check_int(batch_size, "batch_size", minimum=1, maximum=MAX_DELETE_BATCH)
+        report = await partitions.prune(self.db, when)
+        return report.events
 
 
 def _id(value: Any, field: str = "id") -> uuid.UUID:

@@ -97,7 +97,7 @@ class SessionRepository(Repository):
 
     async def find_by_id(self, id: uuid.UUID | str) -> Session | None:
         """The session with this id, or None if it does not exist or has expired (DB clock)."""
-        return await self._one(Session, SELECT_SESSION, v.check_uuid(id, "id"))
+        return await self._one(Session, SELECT_SESSION, v.check_uuid(id, "id"), replica=True)
 
     async def list(
         self,
@@ -119,11 +119,11 @@ class SessionRepository(Repository):
     async def count(self, include_expired: bool = False) -> int:
         """Number of sessions (live only unless ``include_expired``)."""
         inc = v.check_bool(include_expired, "include_expired")
-        return int(await self.db.fetchval(COUNT_ALL if inc else COUNT_LIVE, retry=True))
+        return int(await self.db.fetchval(COUNT_ALL if inc else COUNT_LIVE, retry=True, replica=True))
 
     async def exists(self, id: uuid.UUID | str) -> bool:
         """Whether a live (not expired) session with this id exists."""
-        return bool(await self.db.fetchval(SESSION_EXISTS, v.check_uuid(id, "id"), retry=True))
+        return bool(await self.db.fetchval(SESSION_EXISTS, v.check_uuid(id, "id"), retry=True, replica=True))
 
     async def update(
         self,

@@ -85,14 +85,14 @@ class SwarmRepository(Repository):
 
     async def find_by_id(self, id: uuid.UUID | str) -> Swarm | None:
         """The swarm with this id, or None."""
-        return await self._one(Swarm, SELECT_SWARM_BY_ID, v.check_uuid(id, "id"))
+        return await self._one(Swarm, SELECT_SWARM_BY_ID, v.check_uuid(id, "id"), replica=True)
 
     async def find_by_name(self, name: str) -> Swarm | None:
         """The most recently created swarm with this exact name, or None.
 
         Names are not unique; ties on ``created_at`` are broken by the (time-ordered) id, newest first.
         """
-        return await self._one(Swarm, SELECT_SWARM_BY_NAME, _name(name))
+        return await self._one(Swarm, SELECT_SWARM_BY_NAME, _name(name), replica=True)
 
     async def list(
         self,
@@ -116,12 +116,12 @@ class SwarmRepository(Repository):
         """Number of swarms, optionally of one status."""
         st = v.check_choice(status, SWARM_STATUSES, "status", optional=True)
         if st is None:
-            return int(await self.db.fetchval(COUNT_SWARMS, retry=True))
-        return int(await self.db.fetchval(COUNT_SWARMS_BY_STATUS, st, retry=True))
+            return int(await self.db.fetchval(COUNT_SWARMS, retry=True, replica=True))
+        return int(await self.db.fetchval(COUNT_SWARMS_BY_STATUS, st, retry=True, replica=True))
 
     async def exists(self, id: uuid.UUID | str) -> bool:
         """Whether a swarm with this id exists."""
-        return bool(await self.db.fetchval(SWARM_EXISTS, v.check_uuid(id, "id"), retry=True))
+        return bool(await self.db.fetchval(SWARM_EXISTS, v.check_uuid(id, "id"), retry=True, replica=True))
 
     async def update(
         self,
@@ -160,7 +160,7 @@ class SwarmRepository(Repository):
 
     async def get_summary(self, id: uuid.UUID | str) -> SwarmSummary | None:
         """The swarm_summary row of one swarm (agent counts, swarm budget), or None."""
-        return await self._one(SwarmSummary, SELECT_SUMMARY, v.check_uuid(id, "id"))
+        return await self._one(SwarmSummary, SELECT_SUMMARY, v.check_uuid(id, "id"), replica=True)
 
     async def list_summaries(
         self, status: str | None = None, limit: int | None = None, offset: int | None = None

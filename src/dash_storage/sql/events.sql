@@ -9,13 +9,36 @@
 -- registry test. Each part numbers its parameters from $1; the composer renumbers them.
 
 -- name: insert_event
--- Idempotent create of one event; the timestamp defaults to the database clock.
+-- Idempotent create of one event. Its key is (id, timestamp): events is partitioned by time, and
+-- the library fixes the timestamp before the first attempt, so a retry repeats the key.
 INSERT INTO events (id, swarm_id, agent_id, type, payload, "timestamp", correlation_id,
                     parent_event_id, entity_type, severity)
 VALUES ($1, $2, $3, $4, $5, COALESCE($6, now()), $7, $8, $9, $10)
-ON CONFLICT (id) DO NOTHING
+ON CONFLICT (id, "timestamp") DO NOTHING
 RETURNING id, swarm_id, agent_id, type, payload, "timestamp", correlation_id, parent_event_id,
           entity_type, severity;
+
+-- name: insert_event_checked
+-- insert_event for an id that may exist already (given by the caller, or on a retry): the key is
+-- (id, timestamp), so the ON CONFLICT alone would not see the id stored with another timestamp.
+-- One round trip: the row stored under this id if there is one (inserted = false), else the row
+-- written (inserted = true). Neither when a concurrent insert of the same key won the conflict.
+WITH existing AS (
+    SELECT id, swarm_id, agent_id, type, payload, "timestamp", correlation_id, parent_event_id,
+           entity_type, severity
+    FROM events WHERE id = $1 LIMIT 1
+), written AS (
+    INSERT INTO events (id, swarm_id, agent_id, type, payload, "timestamp", correlation_id,
+                        parent_event_id, entity_type, severity)
+    SELECT $1, $2, $3, $4, $5, COALESCE($6, now()), $7, $8, $9, $10
+    WHERE NOT EXISTS (SELECT 1 FROM existing)
+    ON CONFLICT (id, "timestamp") DO NOTHING
+    RETURNING id, swarm_id, agent_id, type, payload, "timestamp", correlation_id, parent_event_id,
+              entity_type, severity
+)
+SELECT true AS inserted, * FROM written
+UNION ALL
+SELECT false, * FROM existing;
 
 -- name: insert_events
 -- A batch as one statement over parallel arrays, first attempt: an existing id fails the whole
@@ -48,7 +71,7 @@ FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::time
             $7::text[], $8::uuid[], $9::text[], $10::text[])
      AS u(id, swarm_id, agent_id, type, payload, ts, correlation_id, parent_event_id,
           entity_type, severity)
-ON CONFLICT (id) DO NOTHING
+ON CONFLICT (id, "timestamp") DO NOTHING
 RETURNING id, swarm_id, agent_id, type, payload, "timestamp", correlation_id, parent_event_id,
           entity_type, severity;
 
@@ -76,35 +99,23 @@ SELECT id, swarm_id, agent_id, type, payload, "timestamp", correlation_id, paren
        entity_type, severity
 FROM events WHERE id = $1;
 
+-- name: select_event_by_id_flagged
+-- The row of select_event_by_id in the shape of insert_event_checked (inserted = false).
+SELECT false AS inserted, id, swarm_id, agent_id, type, payload, "timestamp", correlation_id,
+       parent_event_id, entity_type, severity
+FROM events WHERE id = $1 LIMIT 1;
+
 -- name: select_events_by_ids
 -- Events by primary keys given as text (the retry paths of a batch write).
 SELECT id, swarm_id, agent_id, type, payload, "timestamp", correlation_id, parent_event_id,
        entity_type, severity
 FROM events WHERE id = ANY($1::text[]::uuid[]);
 
--- name: select_stats
--- Totals over a window judged by the database clock: by type, by severity and overall, one scan.
-SELECT GROUPING(type) AS g_type, GROUPING(severity) AS g_severity, type, severity, count(*)
-FROM events
-WHERE "timestamp" >= now() - make_interval(secs => $1::float8)
-GROUP BY GROUPING SETS ((type), (severity), ());
-
 -- name: select_stats_24h
 -- The event_stats_24h view (the fields of core.models.EventTypeStats), busiest type first.
 SELECT event_type, event_count, unique_agents, unique_swarms, first_event, last_event
 FROM event_stats_24h
 ORDER BY event_count DESC, event_type;
-
--- name: select_cutoff
--- The cutoff "now minus hours" on the database clock (delete_older_than(hours)).
-SELECT now() - make_interval(secs => $1::float8);
-
--- name: delete_events_batch
--- One delete batch: the oldest rows before the cutoff, found by the (timestamp, id) index and
--- deleted by primary key (= ANY(ARRAY(...)) uses the primary key; IN (SELECT ...) would hash-join).
-DELETE FROM events WHERE id = ANY(ARRAY(
-    SELECT id FROM events WHERE "timestamp" < $1 ORDER BY "timestamp", id LIMIT $2
-));
 
 -- name: part_select_events
 -- Start of find_by_filter: the events, then the WHERE clause of the filters given, then the order.

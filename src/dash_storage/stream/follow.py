@@ -2,9 +2,12 @@
 
 A ``Follower`` reads pages of the stream below the mark of finished transactions (see
 ``sql/stream.sql``), yields the events its filters want, and waits for the next commit on
-LISTEN/NOTIFY (one notification per writing transaction). Without notifications (a transaction-mode
-pooler, a lost listening connection) it polls. Its ``cursor`` is an opaque string: store it, and a
-later ``Follower(after=cursor)`` continues with the next event, with nothing skipped or repeated.
+LISTEN/NOTIFY (one notification per writing transaction), on a connection of its own: to
+DATABASE_DIRECT_URL when that is set. Behind a transaction-mode pooler without DATABASE_DIRECT_URL it
+does not LISTEN at all (through such a pooler a notification goes to whichever client holds the
+server connection at the time) and polls; it polls too while its listening connection is lost.
+Its ``cursor`` is an opaque string: store it, and a later ``Follower(after=cursor)`` continues
+with the next event, with nothing skipped or repeated.
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ class Follower:
     else from now (the events of transactions that finish from now on; a few that committed just
     before may come too). Filters: ``swarm_id``, ``types`` (any of), ``agent_id``.
     ``batch_size`` rows are read per round trip; ``poll_interval`` (seconds) is the longest wait
-    without a notification. ``listen=False`` polls only.
+    without a notification. ``listen=False`` polls only, and so does a follower behind a
+    transaction-mode pooler without DATABASE_DIRECT_URL (``listening`` stays False).
     """
 
     def __init__(
@@ -111,7 +115,14 @@ class Follower:
             )
         self._batch = batch_size
         self._poll = float(poll_interval)
-        self._listen = listen
+        # LISTEN needs a connection that keeps session state (see Database.can_hold_session).
+        self._listen = listen and db.can_hold_session
+        if listen and not self._listen:
+            log.info(
+                "follower polls every %.3g s: POSTGRES_POOLER=transaction and no DATABASE_DIRECT_URL "
+                "to LISTEN on",
+                self._poll,
+            )
         self._woken = asyncio.Event()
         self._listener: asyncpg.Connection[Record] | None = None
         self._closed = False
@@ -233,6 +244,8 @@ class Follower:
         full = scanned >= self._batch
         end = last if full else max(last, Position.before_mark(mark))
         self._position = end
+        if events and self.db.telemetry is not None:
+            self.db.telemetry.follower_page(events[-1].timestamp)
         return Page(events, positions, end, mark), full, held
 
     async def pages(self) -> AsyncIterator[Page]:

@@ -280,6 +280,8 @@ class Relay:
         await save_cursor(self.db, self.cursor_name, page.cursor)
         self.stats.cursor = page.cursor
         self.stats.batches += 1
+        if page and self.db.telemetry is not None:
+            self.db.telemetry.relay_page(page[-1].timestamp, self.name)
         return True
 
     async def _write(self, page: Page) -> None:
