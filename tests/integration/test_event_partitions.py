@@ -281,6 +281,15 @@ async def test_maintain_runs_once_at_a_time(db: Database, make_database: MakeDat
     others = [await make_database() for _ in range(3)]
     reports = await asyncio.gather(*(event_maintenance.maintain(d) for d in [db, *others]))
     assert any(not r.skipped for r in reports)
+    # While another host holds the maintenance lock, a run does nothing and says so.
+    holder = await admin_connect(db.settings, TEST_DB)
+    try:
+        assert await holder.fetchval("SELECT pg_try_advisory_lock(4410, 3)")
+        assert (await event_maintenance.maintain(others[0])).skipped
+        held = _cli("maintain", "--json")
+        assert held.returncode == 0 and json.loads(held.stdout)["skipped"] is True
+    finally:
+        await holder.close()
     result = _cli("maintain", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["skipped"] is False

@@ -44,7 +44,7 @@ from dash_storage.repositories.event_input import EventRow, PendingRow, dump_pay
 __all__ = ["COPY_MIN_BATCH", "insert_one", "insert_prepared"]
 
 #: Batches of at least this many events are written with binary COPY, smaller ones with one INSERT
-#: over arrays. COPY costs four round trips (BEGIN, now(), COPY, COMMIT) against the INSERT's one,
+#: over arrays. COPY costs three round trips (BEGIN, COPY, COMMIT) against the INSERT's one,
 #: but less per row on both sides; they break even at about 96 events (bench/ingest.py).
 COPY_MIN_BATCH = 96
 
@@ -56,7 +56,6 @@ INSERT_EVENTS_RETRY = _Q["insert_events_retry"]
 SELECT_EVENT_BY_ID = _Q["select_event_by_id"]
 SELECT_EVENT_BY_ID_FLAGGED = _Q["select_event_by_id_flagged"]
 SELECT_EVENTS_BY_IDS = _Q["select_events_by_ids"]
-SELECT_NOW = _Q["select_now"]
 SELECT_MISSING_PARENT = {"swarm": _Q["select_missing_swarm"], "agent": _Q["select_missing_agent"]}
 _PRIMARY_KEY = "events_pkey"
 T = TypeVar("T")
@@ -255,7 +254,7 @@ async def _insert_attempt(
 async def _copy_attempt(
     pending: list[PendingRow], payloads: Sequence[bytes], con: Connection, attempt: int
 ) -> list[Event]:
-    """One transaction: read now(), binary COPY, commit."""
+    """One transaction: binary COPY, commit."""
     async with transaction_on(con):
         return await _copy_in_transaction(pending, payloads, con, attempt)
 
@@ -263,7 +262,7 @@ async def _copy_attempt(
 async def _copy_in_transaction(
     pending: list[PendingRow], payloads: Sequence[bytes], con: Connection, attempt: int
 ) -> list[Event]:
-    """Binary COPY; defaulted timestamps get the transaction's now(). The first attempt gives the
+    """Binary COPY (every timestamp already fixed by ``insert_prepared``). The first attempt gives the
     rows without an id theirs as it encodes them; a retry attempt gives every row its id, reads
     the events the lost attempt committed and copies only the rest."""
     todo, todo_payloads = pending, payloads
@@ -280,8 +279,8 @@ async def _copy_in_transaction(
             if not kept:
                 return [stored[r[0]] for r in rows]
             todo, todo_payloads = [pending[i] for i in kept], [payloads[i] for i in kept]
-    now = await con.fetchval(SELECT_NOW) if any(r[5] is None for r in todo) else None
-    source = _CopySource(todo, todo_payloads, now)
+    # Every row has its timestamp: insert_prepared fixed the missing ones before the first attempt.
+    source = _CopySource(todo, todo_payloads, None)
     try:
         await con.copy_to_table(COPY_TABLE, source=source, columns=COPY_COLUMNS, format="binary")
     except Exception as exc:

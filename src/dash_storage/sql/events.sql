@@ -89,10 +89,6 @@ SELECT u.id::uuid FROM unnest($1::text[]) WITH ORDINALITY AS u(id, n)
 WHERE NOT EXISTS (SELECT 1 FROM agents p WHERE p.id = u.id::uuid)
 ORDER BY u.n LIMIT 1;
 
--- name: select_now
--- The database clock of the COPY's transaction: the value every defaulted timestamp gets.
-SELECT now();
-
 -- name: select_event_by_id
 -- One event by primary key.
 SELECT id, swarm_id, agent_id, type, payload, "timestamp", correlation_id, parent_event_id,
