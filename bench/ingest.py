@@ -14,12 +14,12 @@
    Plus the writer with 512 producers, to show what it does when more events are outstanding.
 2. ``EventRepository.create_many`` of 1,000 events against raw ``copy_records_to_table`` of 1,000.
 3. The COPY threshold: ``create_many(n)`` forced through each path (one INSERT over arrays, or
-   BEGIN / now() / COPY / COMMIT) for small n; ``COPY_MIN_BATCH`` is set from this.
+   one binary COPY) for small n; ``COPY_MIN_BATCH`` is set from this.
 
 Raw COPY sends every column but the timestamp (its default, now(), fills it in) and returns
-nothing; the library validates, generates ids, reads now() and returns the stored events. Rounds
-are interleaved and ``events`` is emptied before each measurement, so table growth and drift hit
-every side alike; medians are reported. Timings are never asserted.
+nothing; the library validates, generates ids, stamps the database clock and returns the stored
+events. Rounds are interleaved and ``events`` is emptied before each measurement, so table growth
+and drift hit every side alike; medians are reported. Timings are never asserted.
 """
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ async def run(
             "forced through",
             "each, one call at a time.",
             "",
-            "| n | one INSERT over arrays | BEGIN / now() / COPY / COMMIT | COPY / INSERT |",
+            "| n | one INSERT over arrays | one binary COPY | COPY / INSERT |",
             "|---:|---:|---:|---:|",
         ]
     for size, got in threshold.items():

@@ -687,9 +687,10 @@ def _section(
         "## Partitioned event log versus unpartitioned",
         "",
         f"Measured {today()} on {machine()}, PostgreSQL {version}, uvloop; one run of "
-        f"`python -m bench partitions`, {minutes:.0f} minutes in all. The machine has 2 cores and other "
-        "engineers ran tests on the same server meanwhile: figures are medians of interleaved rounds, "
-        "and single-run noise of 10-20% is normal here.",
+        f"`python -m bench partitions`, {minutes:.0f} minutes in all; 15-minute load average at the end "
+        f"{os.getloadavg()[2]:.1f} (this benchmark alone keeps it near 1; client and server share the "
+        "cores, so other work on the machine shows in the figures). Figures are medians of interleaved "
+        "rounds; single-run noise of 10-20% is normal on a shared machine.",
         "",
         "Two scratch databases per size: *partitioned* has every migration (`events` range-partitioned "
         'by "timestamp", one partition per UTC day, stats from the hourly and per-minute rollups); '

@@ -6,14 +6,17 @@ busy swarm), interleaving rounds of the library and raw asyncpg so that drift hi
 Raw asyncpg gets the same statements, the same arguments, the same JSON codecs and a default pool.
 
 ``run_single_row`` compares the single-row workloads (swarm create + find by id, the agent
-lifecycle create / running / pause / resume, budget consume) with raw asyncpg running the same SQL
-on a pool that does NOT reset connections on release (as the library's does not), at concurrency 1
-and 8, and reports client CPU per operation (``time.process_time()`` around each round) too.
+lifecycle create / running / pause / resume, budget consume, event create, and find_by_filter on
+a log of ``DASH_BENCH_SINGLE_ROW_EVENTS`` events, default 1,000,000) with raw asyncpg running the
+same SQL on a pool that does NOT reset connections on release (as the library's does not), alone
+and concurrently (8 callers; event create 16), and reports client CPU per operation
+(``time.process_time()`` around each round) too.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -136,8 +139,8 @@ async def run(total: int = 2000, pool_size: int = 16) -> str:
             ),
         ]
         results: list[Comparison] = []
-        for name, ours, raw, n in cases:
-            for concurrency in (1, pool_size):
+        for name, ours, raw, n, concurrencies in cases:
+            for concurrency in concurrencies:
                 results.append(await compare(name, ours, raw, total=n, concurrency=concurrency))
                 print(f"  {name} @ {concurrency}: {results[-1].cost_ratio:.2f}x", flush=True)
         await pool.close()
@@ -199,7 +202,21 @@ async def compare_cpu(
     return med(r for r, _ in a), med(c for _, c in a), med(r for r, _ in b), med(c for _, c in b)
 
 
-async def run_single_row(total: int = 1000, pool_size: int = 8, rounds: int = 9) -> str:
+def _log_events() -> int:
+    raw = os.environ.get("DASH_BENCH_SINGLE_ROW_EVENTS", "1000000").replace("_", "").strip()
+    try:
+        n = int(raw)
+    except ValueError:
+        raise SystemExit(f"DASH_BENCH_SINGLE_ROW_EVENTS must be a number of events, not {raw!r}") from None
+    if n < 10_000:
+        raise SystemExit(f"DASH_BENCH_SINGLE_ROW_EVENTS must be at least 10000, not {n}")
+    return n
+
+
+async def run_single_row(total: int = 1000, pool_size: int = 16, rounds: int = 9) -> str:
+    from bench import partitions as log_loader  # the partitions benchmark's server-side generator
+
+    log_size = _log_events()
     async with scratch_database(
         "dash_bench_rows", postgres_min_pool_size=pool_size, postgres_max_pool_size=pool_size
     ) as db:
@@ -207,10 +224,21 @@ async def run_single_row(total: int = 1000, pool_size: int = 8, rounds: int = 9)
         swarms = SwarmRepository(db)
         agents = AgentRepository(db)
         budgets = BudgetRepository(db, combine=False)
+        events = EventRepository(db)
+        start = await db.fetchval(
+            "SELECT date_trunc('hour', now()) - make_interval(days => $1)", log_loader.DAYS
+        )
+        await log_loader.load(db, log_size, start, partitioned=True)
         swarm = await swarms.create(name="bench")
         budget = await budgets.create("swarm", swarm.id, allocated=Decimal("1e12"))
         pool = await plain_pool(db, pool_size)
         final = sorted(transition_sql.FINAL_AGENT_STATUSES)
+        log_swarms = [
+            r[0] for r in await db.fetch("SELECT id FROM swarms WHERE id <> $1 ORDER BY id", swarm.id)
+        ]
+        since = await db.fetchval("SELECT now() - interval '24 hours'")
+        filter_sql = event_filters.select_sql(("swarm_id", "types", "since"), "DESC", after=False)
+        common = ["llm.call", "tool.call"]
 
         async def swarm_ours(i: int) -> object:
             s = await swarms.create(name="s", config={"i": i})
@@ -248,18 +276,49 @@ async def run_single_row(total: int = 1000, pool_size: int = 8, rounds: int = 9)
         async def consume_raw(i: int) -> object:
             return await consume_new(pool, budget.id)
 
+        async def event_ours(i: int) -> object:
+            return await events.create(swarm.id, "agent.step", payload={"i": i})
+
+        async def event_raw(i: int) -> object:
+            # What create sends for an event without id or timestamp: a new UUIDv7 and the
+            # database clock, taken before the statement (so a retry repeats the same key).
+            return await pool.fetchrow(
+                event_ingest.INSERT_EVENT,
+                new_id(), swarm.id, None, "agent.step", {"i": i}, dt.datetime.now(dt.UTC), None, None,
+                "system", "info",
+            )  # fmt: skip
+
+        async def filter_ours(i: int) -> object:
+            swarm_id = log_swarms[i % len(log_swarms)]
+            return await events.find_by_filter(
+                swarm_id=swarm_id, types=common, since=since, limit=100, order="desc"
+            )
+
+        async def filter_raw(i: int) -> object:
+            return await pool.fetch(filter_sql, 100, log_swarms[i % len(log_swarms)], common, since)
+
         cases = [
-            ("swarms.create + find_by_id", swarm_ours, swarm_raw, total),
-            ("agents: create, running, pause, resume", agent_ours, agent_raw, total // 2),
-            ("budgets.try_consume (combine=False)", consume_ours, consume_raw, total),
+            ("swarms.create + find_by_id", swarm_ours, swarm_raw, total, (1, 8)),
+            ("agents: create, running, pause, resume", agent_ours, agent_raw, total // 2, (1, 8)),
+            ("budgets.try_consume (combine=False)", consume_ours, consume_raw, total, (1, 8)),
+            # Before event create, whose rows (another swarm's, the newest) would sit on top of the
+            # read swarms' in the timestamp index.
+            (
+                f"events.find_by_filter (swarm, 2 types, since 24h, limit 100) on {log_size:,} events",
+                filter_ours,
+                filter_raw,
+                total // 2,
+                (1, 8),
+            ),
+            ("events.create", event_ours, event_raw, total, (1, 16)),
         ]
         rows = [
             "| workload | concurrency | dash-storage ops/s | raw ops/s | vs raw (higher is better) "
             "| CPU µs/op ours | CPU µs/op raw | CPU ratio |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for name, ours, raw, n in cases:
-            for concurrency in (1, pool_size):
+        for name, ours, raw, n, concurrencies in cases:
+            for concurrency in concurrencies:
                 r_ours, c_ours, r_raw, c_raw = await compare_cpu(ours, raw, n, concurrency, rounds)
                 line = (
                     f"| {name} | {concurrency} | {r_ours:,.0f} | {r_raw:,.0f} | {r_ours / r_raw:.2f}x "
@@ -273,10 +332,13 @@ async def run_single_row(total: int = 1000, pool_size: int = 8, rounds: int = 9)
             "## Single-row repository workloads versus raw asyncpg (no pool reset)",
             "",
             f"Measured {today()} on {machine()}, PostgreSQL {version}, uvloop.",
-            f"Median of {rounds} interleaved rounds; raw asyncpg runs the same SQL on a pool of the same "
-            "size that does not reset connections on release; CPU is the client's process time per op. "
-            "The consumes (one budget, no key: `CONSUME_NEW` on both sides) take turns in the library, "
-            "at most two sent at once (`budget_turns`); raw asyncpg sends all of them at once.",
+            f"Median of {rounds} interleaved rounds; pools of {pool_size} connections; raw asyncpg runs "
+            "the same SQL on a pool that does not reset connections on release; CPU is the client's "
+            "process time per op. The consumes (one budget, no key: `CONSUME_NEW` on both sides) take "
+            "turns in the library, at most two sent at once (`budget_turns`); raw asyncpg sends all of "
+            f"them at once. The events table holds {log_size:,} events first (30 days, 5 swarms, the "
+            "type mix of the queries benchmark, generated server-side); find_by_filter reads those "
+            "swarms, newest first, and event create appends to the same partitioned table.",
             "",
             "\n".join(rows),
             "",

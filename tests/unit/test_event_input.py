@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from dash_storage import EventRepository, EventWriter
+from dash_storage.core import driver
 from dash_storage.core.errors import ValidationError
 from dash_storage.core.ids import new_id
 from dash_storage.core.models import Event
@@ -199,6 +200,8 @@ class Id(uuid.UUID):
     pass
 
 
+PG_UUID = driver.uuid_from_bytes()
+
 NESTED_64: Any = []
 for _ in range(64):
     NESTED_64 = [NESTED_64]
@@ -227,6 +230,8 @@ FAST: list[dict[str, Any]] = [
     _event(payload=False),
     _event(payload=1.5),
     _event(payload=[]),
+    # Ids as the database hands them back (asyncpg's own UUID class): the swarm a caller just made.
+    _event(swarm_id=PG_UUID(SWARM.bytes), agent_id=PG_UUID(new_id().bytes), id=PG_UUID(new_id().bytes)),
 ]
 SLOW: list[dict[str, Any]] = [
     _event(payload={"text": "a backslash then u0000: \\u0000"}),  # serialised, it looks like a NUL

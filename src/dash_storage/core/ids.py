@@ -14,6 +14,10 @@ __all__ = ["new_id"]
 # forked child by the random module itself) is several times cheaper than a syscall per id.
 _rand = random.getrandbits
 _lock = threading.Lock()
+_UUID = uuid.UUID
+_UNKNOWN = uuid.SafeUUID.unknown
+_new = object.__new__
+_set = object.__setattr__  # uuid.UUID refuses attribute assignment; its slots are set directly
 _last_ms = 0
 _counter = 0
 
@@ -36,4 +40,9 @@ def new_id() -> uuid.UUID:
         counter = _counter
     rand = _rand(62)
     value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand
-    return uuid.UUID(int=value)
+    # uuid.UUID(int=value) with its argument checks skipped (the value is a valid 128-bit UUIDv7
+    # by construction): the same object, in less than half the time, for every row a batch writes.
+    made = _new(_UUID)
+    _set(made, "int", value)
+    _set(made, "is_safe", _UNKNOWN)
+    return made

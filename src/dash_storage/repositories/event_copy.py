@@ -87,8 +87,11 @@ def _encode(
 ) -> bytes:
     """``head``, the rows as binary COPY data, then ``tail``."""
     default_ts = b"" if now is None else _TIMESTAMP(8, (now - _PG_EPOCH) // _MICROSECOND)
-    # timestamp, correlation_id and parent_event_id of a row that leaves them out, as one piece
-    defaulted = default_ts + _NULL + _NULL
+    # The timestamp field last encoded, by the datetime it came from: a batch stamped by the
+    # library shares one datetime object, so it is encoded once.
+    last_ts: dt.datetime | None = now
+    last_field = default_ts
+    null_null = _NULL + _NULL  # correlation_id and parent_event_id both left out
     out = [head]
     add = out.append
     null, length, uuid_field, choices = _NULL, _LENGTH, _UUID, _CHOICE_PAIRS
@@ -111,10 +114,16 @@ def _encode(
         add(field)
         add(length(len(p)))
         add(p)
-        if ts is None and corr is None and parent is None:
-            add(defaulted)
+        if ts is None:
+            add(default_ts)
+        elif ts is last_ts:
+            add(last_field)
         else:
-            add(default_ts if ts is None else _TIMESTAMP(8, (ts - _PG_EPOCH) // _MICROSECOND))
+            last_ts, last_field = ts, _TIMESTAMP(8, (ts - _PG_EPOCH) // _MICROSECOND)
+            add(last_field)
+        if corr is None and parent is None:
+            add(null_null)
+        else:
             add(null if corr is None else _text_field(corr))
             add(null if parent is None else uuid_field(16, parent.int.to_bytes(16)))
         add(choices[r[8], r[9]])

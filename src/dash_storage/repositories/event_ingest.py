@@ -44,8 +44,9 @@ from dash_storage.repositories.event_input import EventRow, PendingRow, dump_pay
 __all__ = ["COPY_MIN_BATCH", "insert_one", "insert_prepared"]
 
 #: Batches of at least this many events are written with binary COPY, smaller ones with one INSERT
-#: over arrays. COPY costs three round trips (BEGIN, COPY, COMMIT) against the INSERT's one,
-#: but less per row on both sides; they break even at about 96 events (bench/ingest.py).
+#: over arrays. A COPY costs a round trip more than the INSERT (the server first answers that it
+#: is ready for the data), but less per row on both sides; they break even at about 96 events
+#: (bench/ingest.py).
 COPY_MIN_BATCH = 96
 
 _Q = sql.load("events")
@@ -254,7 +255,10 @@ async def _insert_attempt(
 async def _copy_attempt(
     pending: list[PendingRow], payloads: Sequence[bytes], con: Connection, attempt: int
 ) -> list[Event]:
-    """One transaction: binary COPY, commit."""
+    """A first attempt is the COPY alone, one statement and so atomic by itself (no BEGIN and
+    COMMIT round trips); a retry attempt reads back and copies in one transaction."""
+    if attempt == 1:
+        return await _copy_in_transaction(pending, payloads, con, attempt)
     async with transaction_on(con):
         return await _copy_in_transaction(pending, payloads, con, attempt)
 
@@ -263,8 +267,8 @@ async def _copy_in_transaction(
     pending: list[PendingRow], payloads: Sequence[bytes], con: Connection, attempt: int
 ) -> list[Event]:
     """Binary COPY (every timestamp already fixed by ``insert_prepared``). The first attempt gives the
-    rows without an id theirs as it encodes them; a retry attempt gives every row its id, reads
-    the events the lost attempt committed and copies only the rest."""
+    rows without an id theirs as it encodes them; a retry attempt (inside a transaction) gives
+    every row its id, reads the events the lost attempt committed and copies only the rest."""
     todo, todo_payloads = pending, payloads
     stored: dict[uuid.UUID, Event] = {}
     if attempt > 1:

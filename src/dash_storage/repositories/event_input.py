@@ -21,6 +21,7 @@ from typing import Any, Required, TypedDict, cast
 
 import orjson
 
+from dash_storage.core import driver
 from dash_storage.core import validation as v
 from dash_storage.core.errors import ValidationError
 from dash_storage.core.ids import new_id
@@ -240,6 +241,9 @@ def _choice(value: Any, allowed: frozenset[str], field: str) -> str:
 # -- the fast path ---------------------------------------------------------------------------------
 
 _UUID = uuid.UUID
+# The exact UUID classes taken as they are: the standard one, and asyncpg's subclass, which every
+# id read from the database is (an event of a swarm the caller just created names it so).
+_UUIDS = frozenset(driver.uuid_types())
 _DATETIME = dt.datetime
 _UTC = dt.UTC
 _MAX_TEXT = v.SHORT_TEXT
@@ -261,8 +265,8 @@ def _fast_event(event: dict[str, Any], new: bool) -> tuple[PendingRow, bytes] | 
     None.
 
     Accepts a subset of what ``check_event`` accepts and returns the same row: exact types only
-    (no subclasses), ASCII texts, a timestamp whose tzinfo is UTC itself; anything else, valid or
-    not, is left to ``check_event``.
+    (no subclasses, but asyncpg's own UUID class), ASCII texts, a timestamp whose tzinfo is UTC
+    itself; anything else, valid or not, is left to ``check_event``.
     """
     if not FIELDS.issuperset(event):
         return None
@@ -333,7 +337,7 @@ def _fast_event(event: dict[str, Any], new: bool) -> tuple[PendingRow, bytes] | 
 
 def _uuid_or_slow(value: Any) -> Any:
     """``check_uuid(value, optional=True)`` for a UUID, None or a UUID string; else ``_SLOW``."""
-    if value is None or type(value) is _UUID:
+    if value is None or type(value) in _UUIDS:
         return value
     if type(value) is str and len(value) <= 64:
         try:
