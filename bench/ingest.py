@@ -50,7 +50,7 @@ from dash_storage.repositories.events import EventRepository
 PRODUCERS = 64
 MAX_BATCH = 500
 WRITER_CONCURRENCY = 2
-THRESHOLD_SIZES = (8, 16, 32, 64, 96, 128, 256)
+THRESHOLD_SIZES = (1, 2, 4, 8, 16, 32, 64, 96, 128, 256)
 TYPES = ["agent.spawned", "agent.step", "llm.call", "agent.completed"]
 RAW_COPY_COLUMNS = [c for c in event_copy.COPY_COLUMNS if c != "timestamp"]
 

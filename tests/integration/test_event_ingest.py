@@ -608,7 +608,7 @@ async def test_copy_batches_with_generated_ids_under_a_connection_kill_loop_are_
     swarm = await make_swarm(db)
     chaos = capped(await make_database(postgres_retry_attempts=10, postgres_retry_delay=20))
     repo = EventRepository(chaos)
-    size = 2 * COPY_MIN_BATCH + 7
+    size = 2 * FIRST_CHUNK + 7  # sent in several pieces
 
     def job(n: int) -> Callable[[], Awaitable[list[Event]]]:
         return lambda: repo.create_many([{"swarm_id": swarm, "type": f"batch-{n}"} for _ in range(size)])

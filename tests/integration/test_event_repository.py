@@ -48,6 +48,21 @@ async def test_create_uses_defaults_and_database_clock(db: Database, repo: Event
     assert await repo.find_by_id(str(event.id)) == event
 
 
+async def test_an_event_is_never_stamped_before_a_statement_that_ran_first(
+    db: Database, repo: EventRepository
+) -> None:
+    """Timestamps left out come from the library's estimate of the database clock (no round trip
+    per write). It may run ahead of the server's clock, never behind: an event created after a
+    statement is stamped no earlier than that statement's clock reading."""
+    swarm = await make_swarm(db)
+    for _ in range(300):
+        before = await db.fetchval("SELECT clock_timestamp()")
+        single = await repo.create(swarm, "after")
+        batch = await repo.create_many([{"swarm_id": swarm, "type": "after"}] * 3)
+        assert single.timestamp >= before
+        assert all(e.timestamp >= before for e in batch)
+
+
 async def test_create_with_every_field(db: Database, repo: EventRepository) -> None:
     swarm = await make_swarm(db)
     agent = await make_agent(db, swarm)

@@ -12,7 +12,8 @@ retried once.
 Timestamps left out are filled in before the first attempt: a retried create then repeats the
 same key (id, timestamp) and finds the row its lost attempt wrote, in the same partition. The
 value is the database clock, estimated from the client's clock and an offset measured against the
-server, so it agrees with ``now()`` on the server without a round trip per write.
+server, so it agrees with ``now()`` on the server without a round trip per write (never behind it,
+at most one round trip ahead).
 
 Pruning drops whole partitions wholly older than the cutoff: marked, detached with DETACH ...
 CONCURRENTLY (writers and readers go on), then, with the rollups of the same range, dropped.
@@ -43,6 +44,7 @@ __all__ = [
     "missing_partition",
     "now",
     "prune",
+    "ready",
 ]
 
 _Q = sql.load("partitions")
@@ -60,6 +62,10 @@ STATEMENT = {k: _Q["statement_" + k] for k in ("comment", "detach", "finalize", 
 
 #: How far ahead of the clock partitions are kept.
 AHEAD = dt.timedelta(days=7)
+# Seconds a clock reading may take to count as precise (see _refresh).
+_CLOCK_PRECISION = 0.05
+# Partitions are created again once fewer than this are left ahead of the clock.
+_HALF_AHEAD = AHEAD / 2
 #: The comment a prune puts on a partition before detaching it: a table left with it (the prune
 #: was interrupted between detaching and dropping) is dropped by the next prune.
 PRUNED_MARK = "dash: pruned event partition"
@@ -148,11 +154,17 @@ async def _refresh(db: Database, pmap: PartitionMap, points: Sequence[dt.datetim
     Retried like any read: creating a partition that exists is a no-op."""
     if points:
         await db.fetchval(ENSURE_PARTITIONS, list(points), pmap.width, retry=True)
-    sent = time.time()
-    server = await db.fetchval(SELECT_CLOCK, retry=True)
-    received = time.time()
+    # The server reads its clock after ``sent``: matched with ``sent``, the estimate is never
+    # behind the server's clock (ahead by at most the time the answer took), so an event stamped
+    # after a statement ran is never stamped earlier than that statement's now(). A slow answer
+    # (a retry, a stall) is asked again, up to three times.
+    for _ in range(3):
+        sent = time.time()
+        server = await db.fetchval(SELECT_CLOCK, retry=True)
+        if time.time() - sent < _CLOCK_PRECISION:
+            break
     rows = await db.fetch(SELECT_PARTITIONS, retry=True)
-    pmap._clock_offset = server.timestamp() - (sent + received) / 2
+    pmap._clock_offset = server.timestamp() - sent
     pmap.load(rows)
 
 
@@ -161,12 +173,26 @@ async def now(db: Database) -> dt.datetime:
     return (await _map(db)).now()
 
 
+def ready(db: Database, ts: dt.datetime | None) -> dt.datetime | None:
+    """The fast path of one event's ``now`` and ``cover``, with no await: the timestamp to write
+    (``ts``, or the database clock if None) when the partitions this Database knows already hold
+    it and the clock's half week ahead; None when ``cover`` must run first."""
+    pmap = _maps.get(db)
+    if pmap is None:
+        return None
+    clock = pmap.now()
+    stamp = clock if ts is None else ts
+    if pmap.covered(stamp) and pmap.covered(clock + _HALF_AHEAD):
+        return stamp
+    return None
+
+
 async def cover(db: Database, timestamps: Iterable[dt.datetime]) -> None:
     """Make sure a partition holds each of ``timestamps`` (and a week ahead of the clock)."""
     pmap = await _map(db)
     missing = [ts for ts in timestamps if not pmap.covered(ts)]
     clock = pmap.now()
-    if not (pmap.covered(clock) and pmap.covered(clock + AHEAD / 2)):
+    if not (pmap.covered(clock) and pmap.covered(clock + _HALF_AHEAD)):
         missing.extend(_ahead(clock, pmap.width))
     if missing:
         await _refresh(db, pmap, missing)

@@ -2,8 +2,8 @@
 
 Writes are idempotent by client-generated id (UUIDv7), so creates are retried safely after a lost
 connection. ``create_many`` writes a batch all or nothing: a small batch as one INSERT over arrays
-(``unnest``, one round trip), a batch of ``COPY_MIN_BATCH`` events or more as binary COPY in one
-transaction (see ``event_ingest.insert_prepared``; ``EventWriter`` batches concurrent creates
+(``unnest``, one round trip), a batch of ``COPY_MIN_BATCH`` events or more as one binary COPY
+statement (see ``event_ingest.insert_prepared``; ``EventWriter`` batches concurrent creates
 through it). Reads page with an opaque keyset cursor over ``("timestamp", id)``
 (``EventRepository.cursor(event)``): a page never repeats a row, and never skips one that was
 committed before the page was read, also when many events share one timestamp. It is not a feed:
