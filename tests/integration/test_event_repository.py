@@ -13,6 +13,7 @@ import pytest
 from dash_storage.core.database import Database
 from dash_storage.core.errors import ConflictError, NotFoundError, ValidationError
 from dash_storage.core.models import Event, Severity
+from dash_storage.repositories import event_partitions
 from dash_storage.repositories.events import EventRepository
 from tests.factories import make_agent, make_swarm
 
@@ -61,6 +62,25 @@ async def test_an_event_is_never_stamped_before_a_statement_that_ran_first(
         batch = await repo.create_many([{"swarm_id": swarm, "type": "after"}] * 3)
         assert single.timestamp >= before
         assert all(e.timestamp >= before for e in batch)
+
+
+async def test_the_clock_offset_is_measured_again_once_old(db: Database, repo: EventRepository) -> None:
+    """Client and server clocks drift apart: an offset older than CLOCK_MAX_AGE is read again
+    before the next stamp. Here the kept offset is made an hour wrong and old."""
+    swarm = await make_swarm(db)
+    await repo.create(swarm, "first")  # the partitions and the clock are read
+    pmap = event_partitions._maps[db]
+    for write in (
+        lambda: repo.create(swarm, "after"),
+        lambda: repo.create_many([{"swarm_id": swarm, "type": "after"}] * 10),
+    ):
+        pmap._clock_offset = -3600.0
+        pmap._clock_read -= event_partitions.CLOCK_MAX_AGE + 1
+        before = await db.fetchval("SELECT clock_timestamp()")
+        written = await write()
+        stamps = [e.timestamp for e in (written if isinstance(written, list) else [written])]
+        assert min(stamps) >= before
+        assert max(stamps) - before < dt.timedelta(seconds=5)
 
 
 async def test_create_with_every_field(db: Database, repo: EventRepository) -> None:

@@ -4,9 +4,10 @@ Writes are idempotent by client-generated id (UUIDv7, fixed before the event is 
 they are retried safely after a lost connection: a retry attempt finds the rows the lost attempt
 wrote, checks that they are the events sent (an id that belonged to another event is a
 ConflictError, never a success to adopt), and writes only the rest. A batch of fewer than
-``COPY_MIN_BATCH`` events is one INSERT over arrays (one round trip), a bigger one binary COPY in
-one transaction, streamed: the client encodes the data piece by piece (generating the ids not
-given) and builds the events it returns while the server inserts what it was sent. Timestamps left
+``COPY_MIN_BATCH`` events is one INSERT over arrays (one round trip), a bigger one binary COPY
+(one statement on a first attempt; a retry reads back and copies in one transaction), streamed:
+the client encodes the data piece by piece (generating the ids not given) and builds the events it
+returns while the server inserts what it was sent. Timestamps left
 out are fixed before the first attempt (the database clock, see ``event_partitions.now``), so that
 every attempt sends the same key (id, timestamp) into the same partition, and the partitions they
 need are made first (``event_partitions.cover_rows``). A first attempt returns the events as sent;
@@ -44,9 +45,9 @@ from dash_storage.repositories.event_input import EventRow, PendingRow, dump_pay
 __all__ = ["COPY_MIN_BATCH", "insert_one", "insert_prepared"]
 
 #: Batches of at least this many events are written with binary COPY, smaller ones with one INSERT
-#: over arrays. A COPY costs a round trip more than the INSERT (the server first answers that it
-#: is ready for the data) but less per row on both sides: with durable commits they tie at 1 to 4
-#: events and COPY is ahead from 8 on (6% at 8, 24% at 64; bench/ingest.py).
+#: over arrays. A COPY costs a little more per statement and less per row on both sides: with
+#: durable commits the two are level up to 8 events and COPY is 10-25% ahead from 16 on
+#: (bench/ingest.py).
 COPY_MIN_BATCH = 8
 
 _Q = sql.load("events")
@@ -225,8 +226,8 @@ def _not_ours(event_id: Any) -> ConflictError:
 async def _insert_attempt(
     pending: list[PendingRow], payloads: Sequence[bytes], con: Connection, attempt: int
 ) -> list[Event]:
-    """One INSERT over parallel arrays (see insert_events in sql/events.sql), which hands back the
-    writing transaction's now() on a first attempt, the rows it wrote on a retry."""
+    """One INSERT over parallel arrays (see insert_events in sql/events.sql); a retry hands back
+    the rows it wrote."""
     rows = _with_ids(pending, 0, len(pending))
     # The rows' fields column by column; one that is NULL throughout goes as NULL, which unnest()
     # pads with NULLs, sparing asyncpg an array to encode (it inspects every element).
@@ -236,7 +237,8 @@ async def _insert_attempt(
     ]
     columns[4] = [payload_json(p).decode() for p in payloads]
     if attempt == 1:
-        return _as_stored(rows, payloads, await con.fetchval(INSERT_EVENTS, *columns))
+        await con.fetchval(INSERT_EVENTS, *columns)
+        return _as_stored(rows, payloads, None)  # every timestamp was fixed before the first attempt
     # A retry. One transaction, so that finding another event's id rolls the whole batch back.
     # The ids are looked up first (written by the attempt whose answer was lost, or another
     # event's id, possibly with another timestamp, which the key (id, timestamp) would not catch).
@@ -262,12 +264,12 @@ async def _copy_attempt(
     """A first attempt is the COPY alone, one statement and so atomic by itself (no BEGIN and
     COMMIT round trips); a retry attempt reads back and copies in one transaction."""
     if attempt == 1:
-        return await _copy_in_transaction(pending, payloads, con, attempt)
+        return await _copy_rows(pending, payloads, con, attempt)
     async with transaction_on(con):
-        return await _copy_in_transaction(pending, payloads, con, attempt)
+        return await _copy_rows(pending, payloads, con, attempt)
 
 
-async def _copy_in_transaction(
+async def _copy_rows(
     pending: list[PendingRow], payloads: Sequence[bytes], con: Connection, attempt: int
 ) -> list[Event]:
     """Binary COPY (every timestamp already fixed by ``insert_prepared``). The first attempt gives the
@@ -307,14 +309,17 @@ async def _copy_in_transaction(
 class _CopySource:
     """The data of one COPY, for asyncpg to send piece by piece (``chunk_ranges``): each piece is
     encoded when asked for, its rows without an id getting theirs first, while the server inserts
-    the pieces already sent; once the last piece is sent, the events as stored are built, while
-    the server still inserts (before the end of the data)."""
+    the pieces already sent. The events as stored are built a piece behind, on the next request
+    (the server is still inserting that piece), so only the last piece's are left to build once
+    everything is sent."""
 
-    __slots__ = ("_now", "_payloads", "_ranges", "_rows", "_written")
+    __slots__ = ("_built", "_now", "_payloads", "_ranges", "_rows", "_sent_to", "_written")
 
     def __init__(self, rows: list[PendingRow], payloads: Sequence[bytes], now: dt.datetime | None) -> None:
         self._rows, self._payloads, self._now = rows, payloads, now
         self._ranges = chunk_ranges(len(rows))
+        self._built: list[Event] = []
+        self._sent_to = 0  # the rows before this one were sent (and have their ids)
         self._written: list[Event] | None = None
 
     def __aiter__(self) -> _CopySource:
@@ -322,16 +327,27 @@ class _CopySource:
 
     async def __anext__(self) -> bytes:
         piece = next(self._ranges, None)
-        if piece is not None:
-            start, end = piece
-            return copy_chunk(_with_ids(self._rows, start, end), self._payloads, self._now, start, end)
-        self.written()
-        raise StopAsyncIteration
+        if piece is None:
+            self.written()
+            raise StopAsyncIteration
+        start, end = piece
+        data = copy_chunk(_with_ids(self._rows, start, end), self._payloads, self._now, start, end)
+        self._build_to(start)
+        self._sent_to = end
+        return data
+
+    def _build_to(self, end: int) -> None:
+        """Build the events of the rows sent, up to ``end``, not built yet."""
+        done = len(self._built)
+        if end > done:
+            rows = _sent(self._rows)
+            self._built += _as_stored(rows[done:end], self._payloads[done:end], self._now)
 
     def written(self) -> list[Event]:
         """The events as stored, once the COPY succeeded (see ``_as_stored``)."""
         if self._written is None:
-            self._written = _as_stored(_sent(self._rows), self._payloads, self._now)
+            self._build_to(self._sent_to)
+            self._written = self._built
         return self._written
 
 

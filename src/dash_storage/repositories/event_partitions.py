@@ -13,7 +13,7 @@ Timestamps left out are filled in before the first attempt: a retried create the
 same key (id, timestamp) and finds the row its lost attempt wrote, in the same partition. The
 value is the database clock, estimated from the client's clock and an offset measured against the
 server, so it agrees with ``now()`` on the server without a round trip per write (never behind it,
-at most one round trip ahead).
+at most one round trip ahead; measured again every ``CLOCK_MAX_AGE`` seconds).
 
 Pruning drops whole partitions wholly older than the cutoff: marked, detached with DETACH ...
 CONCURRENTLY (writers and readers go on), then, with the rollups of the same range, dropped.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import math
 import time
 import weakref
 from collections.abc import Iterable, Sequence
@@ -62,7 +63,9 @@ STATEMENT = {k: _Q["statement_" + k] for k in ("comment", "detach", "finalize", 
 
 #: How far ahead of the clock partitions are kept.
 AHEAD = dt.timedelta(days=7)
-# Seconds a clock reading may take to count as precise (see _refresh).
+#: Seconds after which the offset of the database clock is measured again (clocks drift).
+CLOCK_MAX_AGE = 600.0
+# Seconds a clock reading may take to count as precise (see _read_clock).
 _CLOCK_PRECISION = 0.05
 # Partitions are created again once fewer than this are left ahead of the clock.
 _HALF_AHEAD = AHEAD / 2
@@ -113,13 +116,18 @@ class PruneReport:
 class PartitionMap:
     """What one Database knows of the partitions (their bounds, sorted) and of the server clock."""
 
-    __slots__ = ("_clock_offset", "_lowers", "_uppers", "width")
+    __slots__ = ("_clock_offset", "_clock_read", "_lowers", "_uppers", "width")
 
     def __init__(self, width: dt.timedelta) -> None:
         self.width = width
         self._lowers: list[dt.datetime] = []
         self._uppers: list[dt.datetime] = []
         self._clock_offset: float | None = None
+        self._clock_read = -math.inf  # time.monotonic() of the offset's reading
+
+    def clock_stale(self) -> bool:
+        """Is the offset older than CLOCK_MAX_AGE (the two clocks may have drifted apart)?"""
+        return time.monotonic() - self._clock_read > CLOCK_MAX_AGE
 
     def covered(self, ts: dt.datetime) -> bool:
         i = bisect.bisect_right(self._lowers, ts) - 1
@@ -154,23 +162,39 @@ async def _refresh(db: Database, pmap: PartitionMap, points: Sequence[dt.datetim
     Retried like any read: creating a partition that exists is a no-op."""
     if points:
         await db.fetchval(ENSURE_PARTITIONS, list(points), pmap.width, retry=True)
-    # The server reads its clock after ``sent``: matched with ``sent``, the estimate is never
-    # behind the server's clock (ahead by at most the time the answer took), so an event stamped
-    # after a statement ran is never stamped earlier than that statement's now(). A slow answer
-    # (a retry, a stall) is asked again, up to three times.
+    await _read_clock(db, pmap)
+    pmap.load(await db.fetch(SELECT_PARTITIONS, retry=True))
+
+
+async def _read_clock(db: Database, pmap: PartitionMap) -> None:
+    """Measure the offset of the database clock from this host's.
+
+    The server reads its clock after the question was sent: matched with that moment, the
+    estimate is never behind the server's clock (ahead by at most the time the answer took), so
+    an event stamped after a statement ran is never stamped earlier than that statement's
+    clock. A slow answer (a retry, a stall) is asked again, up to three times, and the quickest
+    answer is kept."""
+    best: tuple[float, float] | None = None  # (time the answer took, offset)
     for _ in range(3):
         sent = time.time()
         server = await db.fetchval(SELECT_CLOCK, retry=True)
-        if time.time() - sent < _CLOCK_PRECISION:
+        took = time.time() - sent
+        if best is None or took < best[0]:
+            best = (took, server.timestamp() - sent)
+        if took < _CLOCK_PRECISION:
             break
-    rows = await db.fetch(SELECT_PARTITIONS, retry=True)
-    pmap._clock_offset = server.timestamp() - sent
-    pmap.load(rows)
+    assert best is not None
+    pmap._clock_offset = best[1]
+    pmap._clock_read = time.monotonic()
 
 
 async def now(db: Database) -> dt.datetime:
-    """The database clock as the library stamps events with it (no round trip once known)."""
-    return (await _map(db)).now()
+    """The database clock as the library stamps events with it (no round trip once known; read
+    again when older than CLOCK_MAX_AGE)."""
+    pmap = await _map(db)
+    if pmap.clock_stale():
+        await _read_clock(db, pmap)
+    return pmap.now()
 
 
 def ready(db: Database, ts: dt.datetime | None) -> dt.datetime | None:
@@ -178,7 +202,7 @@ def ready(db: Database, ts: dt.datetime | None) -> dt.datetime | None:
     (``ts``, or the database clock if None) when the partitions this Database knows already hold
     it and the clock's half week ahead; None when ``cover`` must run first."""
     pmap = _maps.get(db)
-    if pmap is None:
+    if pmap is None or pmap.clock_stale():
         return None
     clock = pmap.now()
     stamp = clock if ts is None else ts

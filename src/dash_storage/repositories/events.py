@@ -93,7 +93,9 @@ class EventRepository(Repository):
         INSERT statement. Timestamps not given are the database clock when the call is made, one
         value for the whole batch. At most ``event_input.MAX_BATCH`` items. A missing swarm or
         agent fails the batch with NotFoundError naming the first missing one (in input order);
-        an existing id with ConflictError.
+        an existing id with ConflictError. A call that ends in CommandTimeoutError (or is
+        cancelled) mid-write may or may not have stored its batch, whole or not at all: give ids
+        yourself to find out (a repeated call then answers ConflictError for a stored batch).
         """
         rows, payloads = prepare_batch(events)
         if not rows:

@@ -42,8 +42,9 @@ SELECT false, * FROM existing;
 
 -- name: insert_events
 -- A batch as one statement over parallel arrays, first attempt: an existing id fails the whole
--- batch (all or nothing). It hands back only now(), the clock of the writing transaction that
--- every timestamp left out gets: the caller knows every other value, it sent them. Ids and
+-- batch (all or nothing). It hands back only now(), which a timestamp left out (NULL) gets; the
+-- library sends every timestamp (fixed before the first attempt) and every other value, so it
+-- needs nothing else back. Ids and
 -- timestamps go as uuid[] / timestamptz[] (binary: asyncpg looks these array types up once per
 -- connection, and each row then costs the server no text parsing), texts and payloads as text[].
 -- An array may be NULL instead of all NULLs: unnest() pads it with NULLs. The INSERT is that of
