@@ -213,7 +213,7 @@ def _log_events() -> int:
     return n
 
 
-async def run_single_row(total: int = 1000, pool_size: int = 16, rounds: int = 9) -> str:
+async def run_single_row(total: int = 2000, pool_size: int = 16, rounds: int = 9) -> str:
     from bench import partitions as log_loader  # the partitions benchmark's server-side generator
 
     log_size = _log_events()

@@ -35,7 +35,7 @@ from dash_storage.core.errors import (
     SerializationConflictError,
     map_error,
 )
-from dash_storage.core.ids import new_id
+from dash_storage.core.ids import new_ids
 from dash_storage.core.models import Event
 from dash_storage.repositories import event_partitions as partitions
 from dash_storage.repositories.base import missing_parent
@@ -111,17 +111,21 @@ async def insert_one(db: Database, row: EventRow, *, id_given: bool = True) -> E
 
 
 async def _with_partitions(
-    db: Database, rows: Sequence[Sequence[Any]], write: Callable[[], Awaitable[T]]
+    db: Database,
+    rows: Sequence[Sequence[Any]],
+    write: Callable[[], Awaitable[T]],
+    now: dt.datetime | None = None,
 ) -> T:
     """Run ``write``; if no partition held one of its rows (another process pruned it since this
-    one last looked), create it and run ``write`` once more."""
+    one last looked), create it and run ``write`` once more. ``now``: the timestamp of the rows
+    that have none yet."""
     try:
         return await write()
     except DashStorageError as exc:
         if not partitions.missing_partition(exc):
             raise
     await partitions.forget(db)
-    await partitions.cover_rows(db, rows)
+    await partitions.cover_rows(db, rows, now)
     return await write()
 
 
@@ -147,16 +151,12 @@ async def insert_prepared(
     if not rows:
         return []
     attempt = _copy_attempt if len(rows) >= COPY_MIN_BATCH else _insert_attempt
-    # One list that every attempt shares: the ids fixed by one are those of the next. Timestamps
-    # left out are fixed here, before the first attempt, for the same reason.
+    # One list that every attempt shares: the ids fixed by one are those of the next. The
+    # timestamp of the rows that have none is fixed here, before the first attempt, for the same
+    # reason; each row gets it (and its id) as it is first sent (``_complete``).
     pending = list(rows)
-    now: dt.datetime | None = None
-    for i, r in enumerate(pending):
-        if r[5] is None:
-            if now is None:
-                now = await partitions.now(db)
-            pending[i] = (*r[:5], now, *r[6:])
-    await partitions.cover_rows(db, pending)
+    now = await partitions.now(db) if any(r[5] is None for r in pending) else None
+    await partitions.cover_rows(db, pending, now)
     if given is None:
         check = [str(r[0]) for r in rows if r[0] is not None]
     else:
@@ -168,7 +168,7 @@ async def insert_prepared(
             raise _exists(found[0][0])
     try:
         return await _with_partitions(
-            db, pending, lambda: db.run(functools.partial(attempt, pending, payloads), retry=True)
+            db, pending, lambda: db.run(functools.partial(attempt, pending, payloads, now), retry=True), now
         )
     except ConflictError as exc:
         entity = missing_parent(exc)
@@ -224,11 +224,15 @@ def _not_ours(event_id: Any) -> ConflictError:
 
 
 async def _insert_attempt(
-    pending: list[PendingRow], payloads: Sequence[bytes], con: Connection, attempt: int
+    pending: list[PendingRow],
+    payloads: Sequence[bytes],
+    now: dt.datetime | None,
+    con: Connection,
+    attempt: int,
 ) -> list[Event]:
     """One INSERT over parallel arrays (see insert_events in sql/events.sql); a retry hands back
     the rows it wrote."""
-    rows = _with_ids(pending, 0, len(pending))
+    rows = _complete(pending, 0, len(pending), now)
     # The rows' fields column by column; one that is NULL throughout goes as NULL, which unnest()
     # pads with NULLs, sparing asyncpg an array to encode (it inspects every element).
     columns: list[Sequence[Any] | None] = [
@@ -259,18 +263,26 @@ async def _insert_attempt(
 
 
 async def _copy_attempt(
-    pending: list[PendingRow], payloads: Sequence[bytes], con: Connection, attempt: int
+    pending: list[PendingRow],
+    payloads: Sequence[bytes],
+    now: dt.datetime | None,
+    con: Connection,
+    attempt: int,
 ) -> list[Event]:
     """A first attempt is the COPY alone, one statement and so atomic by itself (no BEGIN and
     COMMIT round trips); a retry attempt reads back and copies in one transaction."""
     if attempt == 1:
-        return await _copy_rows(pending, payloads, con, attempt)
+        return await _copy_rows(pending, payloads, now, con, attempt)
     async with transaction_on(con):
-        return await _copy_rows(pending, payloads, con, attempt)
+        return await _copy_rows(pending, payloads, now, con, attempt)
 
 
 async def _copy_rows(
-    pending: list[PendingRow], payloads: Sequence[bytes], con: Connection, attempt: int
+    pending: list[PendingRow],
+    payloads: Sequence[bytes],
+    now: dt.datetime | None,
+    con: Connection,
+    attempt: int,
 ) -> list[Event]:
     """Binary COPY (every timestamp already fixed by ``insert_prepared``). The first attempt gives the
     rows without an id theirs as it encodes them; a retry attempt (inside a transaction) gives
@@ -278,7 +290,7 @@ async def _copy_rows(
     todo, todo_payloads = pending, payloads
     stored: dict[uuid.UUID, Event] = {}
     if attempt > 1:
-        rows = _with_ids(pending, 0, len(pending))
+        rows = _complete(pending, 0, len(pending), now)
         sent = {r[0]: (r, p) for r, p in zip(rows, payloads, strict=True)}
         for r in await con.fetch(SELECT_EVENTS_BY_IDS, [str(r[0]) for r in rows]):
             if not _is_ours(r, *sent[r[0]]):
@@ -289,8 +301,7 @@ async def _copy_rows(
             if not kept:
                 return [stored[r[0]] for r in rows]
             todo, todo_payloads = [pending[i] for i in kept], [payloads[i] for i in kept]
-    # Every row has its timestamp: insert_prepared fixed the missing ones before the first attempt.
-    source = _CopySource(todo, todo_payloads, None)
+    source = _CopySource(todo, todo_payloads, now)
     try:
         await con.copy_to_table(COPY_TABLE, source=source, columns=COPY_COLUMNS, format="binary")
     except Exception as exc:
@@ -331,7 +342,7 @@ class _CopySource:
             self.written()
             raise StopAsyncIteration
         start, end = piece
-        data = copy_chunk(_with_ids(self._rows, start, end), self._payloads, self._now, start, end)
+        data = copy_chunk(_complete(self._rows, start, end, self._now), self._payloads, None, start, end)
         self._build_to(start)
         self._sent_to = end
         return data
@@ -351,14 +362,22 @@ class _CopySource:
         return self._written
 
 
-def _with_ids(rows: list[PendingRow], start: int, end: int) -> list[EventRow]:
-    """Give the rows ``start`` to ``end`` that have no id a new one, in place: before they are
-    first sent, so that every attempt sends the same. Returns ``rows``, typed as the EventRows
-    that the rows up to ``end`` now are."""
-    for i in range(start, end):
-        row = rows[i]
-        if row[0] is None:
-            rows[i] = (new_id(), *row[1:])
+def _complete(rows: list[PendingRow], start: int, end: int, now: dt.datetime | None) -> list[EventRow]:
+    """Give the rows ``start`` to ``end`` that have no id a new one and those without a timestamp
+    ``now``, in place (one new tuple per row at the most): before they are first sent, so that
+    every attempt sends the same. Returns ``rows``, typed as the EventRows that the rows up to
+    ``end`` now are."""
+    todo = [i for i in range(start, end) if rows[i][0] is None or rows[i][5] is None]
+    if todo:
+        ids = iter(new_ids(sum(1 for i in todo if rows[i][0] is None)))
+        for i in todo:
+            r = rows[i]
+            rows[i] = (
+                next(ids) if r[0] is None else r[0],
+                r[1], r[2], r[3], r[4],
+                now if r[5] is None else r[5],
+                r[6], r[7], r[8], r[9],
+            )  # fmt: skip
     return cast(list[EventRow], rows)
 
 

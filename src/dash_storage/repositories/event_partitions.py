@@ -222,20 +222,18 @@ async def cover(db: Database, timestamps: Iterable[dt.datetime]) -> None:
         await _refresh(db, pmap, missing)
 
 
-async def cover_rows(db: Database, rows: Sequence[Sequence[Any]]) -> None:
-    """``cover`` for the timestamps of validated event rows (field 5)."""
-    low = high = rows[0][5]
-    for r in rows:
-        ts = r[5]
-        if ts < low:
-            low = ts
-        elif ts > high:
-            high = ts
+async def cover_rows(db: Database, rows: Sequence[Sequence[Any]], now: dt.datetime | None = None) -> None:
+    """``cover`` for the timestamps of validated event rows (field 5; ``now`` for a row without)."""
+    stamps: list[dt.datetime] = [r[5] for r in rows if r[5] is not None]
+    if len(stamps) < len(rows):
+        assert now is not None, "rows without a timestamp need now"
+        stamps.append(now)
+    low, high = min(stamps), max(stamps)
     pmap = await _map(db)
     if pmap.covered(low) and pmap.covered(high) and _same_partition(pmap, low, high):
         await cover(db, ())
     else:
-        await cover(db, (r[5] for r in rows))
+        await cover(db, stamps)
 
 
 def _same_partition(pmap: PartitionMap, low: dt.datetime, high: dt.datetime) -> bool:
