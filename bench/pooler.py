@@ -13,7 +13,7 @@ interleaved, so drift hits them alike; each side keeps its median.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from decimal import Decimal
 from typing import Any
 
@@ -21,17 +21,12 @@ import asyncpg
 
 from bench.common import machine, run_ops, scratch_database, server_version, today
 from bench.pgbouncer import PgBouncer, ensure_installed, pgbouncer_version
-from bench.repositories import plain_pool
+from bench.repositories import Op, consume_new, event_ops, plain_pool, swarm_ops
 from dash_storage.core.database import Database
-from dash_storage.core.ids import new_id
-from dash_storage.repositories import budgets as budget_sql
-from dash_storage.repositories import event_ingest
-from dash_storage.repositories import swarms as swarm_sql
 from dash_storage.repositories.budgets import BudgetRepository
 from dash_storage.repositories.events import EventRepository
 from dash_storage.repositories.swarms import SwarmRepository
 
-Op = Callable[[int], Awaitable[object]]
 PATHS = ("direct", "session", "transaction")
 
 
@@ -40,29 +35,14 @@ def _workloads(db: Database, pool: asyncpg.Pool, swarm_id: Any, budget_id: Any) 
     swarms, events = SwarmRepository(db), EventRepository(db)
     budgets = BudgetRepository(db, combine=False)
 
-    async def swarm_ours(i: int) -> object:
-        s = await swarms.create(name="s", config={"i": i})
-        return await swarms.find_by_id(s.id)
-
-    async def swarm_raw(i: int) -> object:
-        row = await pool.fetchrow(swarm_sql.INSERT_SWARM, new_id(), "s", {"i": i}, "creating")
-        assert row is not None
-        return await pool.fetchrow(swarm_sql.SELECT_SWARM_BY_ID, row[0])
-
-    def event_ours(i: int) -> Awaitable[object]:
-        return events.create(swarm_id, "agent.step", payload={"i": i})
-
-    def event_raw(i: int) -> Awaitable[object]:
-        return pool.fetchrow(
-            event_ingest.INSERT_EVENT,
-            new_id(), swarm_id, None, "agent.step", {"i": i}, None, None, None, "system", "info",
-        )  # fmt: skip
+    swarm_ours, swarm_raw = swarm_ops(swarms, pool)
+    event_ours, event_raw = event_ops(events, pool, swarm_id)
 
     def consume_ours(i: int) -> Awaitable[object]:
         return budgets.try_consume(budget_id, 10, Decimal("0.0001"))
 
     def consume_raw(i: int) -> Awaitable[object]:
-        return pool.fetchrow(budget_sql.CONSUME, budget_id, 10, Decimal("0.0001"), str(new_id()), new_id())
+        return consume_new(pool, budget_id)
 
     return {
         "swarms.create + find_by_id": (swarm_ours, swarm_raw),

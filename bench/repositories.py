@@ -26,6 +26,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from bench import partitions as log_loader  # its server-side generator of a log
 from bench.common import (
     Comparison,
     compare,
@@ -166,6 +167,39 @@ async def run(total: int = 2000, pool_size: int = 16) -> str:
 Op = Callable[[int], Awaitable[object]]
 
 
+def swarm_ops(swarms: SwarmRepository, pool: asyncpg.Pool) -> tuple[Op, Op]:
+    """Swarm create + find by id: (through the repository, raw asyncpg with the same SQL)."""
+
+    async def ours(i: int) -> object:
+        s = await swarms.create(name="s", config={"i": i})
+        return await swarms.find_by_id(s.id)
+
+    async def raw(i: int) -> object:
+        row = await pool.fetchrow(swarm_sql.INSERT_SWARM, new_id(), "s", {"i": i}, "creating")
+        assert row is not None
+        return await pool.fetchrow(swarm_sql.SELECT_SWARM_BY_ID, row[0])
+
+    return ours, raw
+
+
+def event_ops(events: EventRepository, pool: asyncpg.Pool, swarm_id: Any) -> tuple[Op, Op]:
+    """One event created: (through the repository, raw asyncpg with the same SQL: what create
+    sends for an event without id or timestamp, a new UUIDv7 and the clock taken before the
+    statement, so that a retry repeats the same key)."""
+
+    async def ours(i: int) -> object:
+        return await events.create(swarm_id, "agent.step", payload={"i": i})
+
+    async def raw(i: int) -> object:
+        return await pool.fetchrow(
+            event_ingest.INSERT_EVENT,
+            new_id(), swarm_id, None, "agent.step", {"i": i}, dt.datetime.now(dt.UTC), None, None,
+            "system", "info",
+        )  # fmt: skip
+
+    return ours, raw
+
+
 async def plain_pool(db: Database, size: int) -> asyncpg.Pool:
     """Raw asyncpg as the library runs it: the same codecs, no reset on release."""
     kwargs = await db.connect_kwargs()
@@ -216,8 +250,6 @@ def _log_events() -> int:
 
 
 async def run_single_row(total: int = 2000, pool_size: int = 16, rounds: int = 9) -> str:
-    from bench import partitions as log_loader  # the partitions benchmark's server-side generator
-
     log_size = _log_events()
     async with scratch_database(
         "dash_bench_rows", postgres_min_pool_size=pool_size, postgres_max_pool_size=pool_size
@@ -242,14 +274,8 @@ async def run_single_row(total: int = 2000, pool_size: int = 16, rounds: int = 9
         filter_sql = event_filters.select_sql(("swarm_id", "types", "since"), "DESC", after=False)
         common = ["llm.call", "tool.call"]
 
-        async def swarm_ours(i: int) -> object:
-            s = await swarms.create(name="s", config={"i": i})
-            return await swarms.find_by_id(s.id)
-
-        async def swarm_raw(i: int) -> object:
-            row = await pool.fetchrow(swarm_sql.INSERT_SWARM, new_id(), "s", {"i": i}, "creating")
-            assert row is not None
-            return await pool.fetchrow(swarm_sql.SELECT_SWARM_BY_ID, row[0])
+        swarm_ours, swarm_raw = swarm_ops(swarms, pool)
+        event_ours, event_raw = event_ops(events, pool, swarm.id)
 
         async def agent_ours(i: int) -> object:
             a = await agents.create(swarm.id, model="m", task="t")
@@ -277,18 +303,6 @@ async def run_single_row(total: int = 2000, pool_size: int = 16, rounds: int = 9
 
         async def consume_raw(i: int) -> object:
             return await consume_new(pool, budget.id)
-
-        async def event_ours(i: int) -> object:
-            return await events.create(swarm.id, "agent.step", payload={"i": i})
-
-        async def event_raw(i: int) -> object:
-            # What create sends for an event without id or timestamp: a new UUIDv7 and the
-            # database clock, taken before the statement (so a retry repeats the same key).
-            return await pool.fetchrow(
-                event_ingest.INSERT_EVENT,
-                new_id(), swarm.id, None, "agent.step", {"i": i}, dt.datetime.now(dt.UTC), None, None,
-                "system", "info",
-            )  # fmt: skip
 
         async def filter_ours(i: int) -> object:
             swarm_id = log_swarms[i % len(log_swarms)]

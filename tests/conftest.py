@@ -15,7 +15,7 @@ findings of the tests marked ``reliability`` to that file; no other run writes i
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import pytest
 from dash_storage.core.config import Settings, load_settings
 from dash_storage.core.database import Database
 from dash_storage.migrations.runner import MigrationRunner
+from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_DB = os.environ.get("DASH_TEST_DATABASE", "dash_test")
@@ -120,6 +121,16 @@ async def db(database: Database) -> Database:
     """The test database, emptied of rows (schema kept) before the test."""
     await _truncate_all(database)
     return database
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own (on a free port, persisting with AOF), stopped after it."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -329,13 +329,13 @@ async def test_ids_generated_during_a_failed_copy_are_those_the_retry_sends(
     sent: list[list[uuid.UUID]] = []
     real_chunk = event_ingest.copy_chunk
 
-    def breaking_chunk(rows: Sequence[Any], payloads: Any, now: Any, start: int, end: int) -> bytes:
+    def breaking_chunk(rows: Sequence[Any], payloads: Any, start: int, end: int) -> bytes:
         if len(sent) == 1 and start > 0:  # the second piece of the first attempt
             sent.append([])
             raise ConnectionResetError("the connection broke during the COPY")
         if start == 0:
             sent.append([r[0] for r in rows[start:end]])
-        return real_chunk(rows, payloads, now, start, end)
+        return real_chunk(rows, payloads, start, end)
 
     monkeypatch.setattr(event_ingest, "copy_chunk", breaking_chunk)
     n = 3 * FIRST_CHUNK

@@ -8,8 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import orjson
 import pytest
@@ -22,15 +21,6 @@ from dash_storage.stream import Relay, RelayError, load_cursor, save_cursor
 from dash_storage.stream.position import encode
 from tests.factories import make_swarm
 from tests.redis_server import RedisServer
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

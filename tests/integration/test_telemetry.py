@@ -8,15 +8,10 @@ import asyncio
 import datetime as dt
 import http.server
 import json
-import os
 import re
-import subprocess
-import sys
-import textwrap
 import threading
 from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,6 +37,7 @@ from dash_storage.core.errors import ConfigurationError, NotFoundError, Validati
 from dash_storage.repositories.budget_batcher import combiner_for
 from dash_storage.stream import Follower, Relay
 from tests.conftest import ROOT, TEST_DB, MakeDatabase, admin_connect
+from tests.fresh_python import run_fresh
 from tests.integration.test_server_ended_connections import Killer, fill_pool
 from tests.redis_server import RedisServer
 
@@ -418,15 +414,6 @@ async def test_follower_lag_is_the_age_of_the_newest_event_of_a_page(tdb: Databa
     assert not page and otel.value("dash.stream.follower.lag").count == 2
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 async def test_relay_lag_is_recorded_once_redis_has_each_page(
     tdb: Database, otel: Otel, redis_server: RedisServer
 ) -> None:
@@ -478,21 +465,8 @@ print(json.dumps({
 """
 
 
-def run_script(script: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("DASH_OTEL")}
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        cwd=ROOT,
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 async def test_dash_otel_turns_telemetry_on_with_the_global_providers(db: Database) -> None:
-    done = run_script(_ENV_SCRIPT, DASH_OTEL="1", DASH_OTEL_QUERY_TEXT="true")
+    done = run_fresh(_ENV_SCRIPT, DASH_OTEL="1", DASH_OTEL_QUERY_TEXT="true")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["names"] == ["count swarms", "count swarms"]
@@ -528,7 +502,7 @@ print(sorted(m for m in sys.modules if m.split(".")[0] == "opentelemetry"))
 
 
 async def test_without_telemetry_no_opentelemetry_module_is_imported(db: Database) -> None:
-    done = run_script(_DISABLED_SCRIPT)
+    done = run_fresh(_DISABLED_SCRIPT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
@@ -570,7 +544,7 @@ async def test_the_readme_collector_example_delivers_spans_and_metrics(db: Datab
     [example] = [b for b in re.findall(r"```py\n(.*?)```", readme, re.S) if "OTLPSpanExporter" in b]
     collector = Collector()
     try:
-        done = await asyncio.to_thread(run_script, example, OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint)
+        done = await asyncio.to_thread(run_fresh, example, OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint)
     finally:
         collector.close()
     assert done.returncode == 0, done.stderr

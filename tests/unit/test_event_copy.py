@@ -76,6 +76,12 @@ def prepared(**event: Any) -> tuple[EventRow, bytes]:
     return prepare_event({"swarm_id": new_id(), "type": "t", **event})
 
 
+def stamped(rows: list[EventRow], now: dt.datetime) -> list[EventRow]:
+    """``rows``, those without a timestamp given ``now`` (as the library stamps them before it
+    encodes them: one datetime for the whole batch)."""
+    return [r if r[5] is not None else (*r[:5], now, *r[6:]) for r in rows]
+
+
 def test_columns_are_the_event_fields() -> None:
     assert COPY_COLUMNS == Event._fields
 
@@ -93,12 +99,12 @@ def test_every_field_round_trips() -> None:
     )
     bare = prepared()
     now = dt.datetime(2026, 12, 1, tzinfo=UTC)
-    rows = decode(copy_data([full[0], bare[0]], [full[1], bare[1]], now))
+    rows = decode(copy_data(stamped([full[0], bare[0]], now), [full[1], bare[1]]))
     assert len(rows) == 2 and all(len(r) == len(COPY_COLUMNS) for r in rows)
     first, second = (as_event(r) for r in rows)
     row = full[0]
     assert first == Event(*row)
-    # Left out: NULLs, the defaults, and the timestamp the caller's now() gave.
+    # Left out: NULLs, the defaults, and the timestamp the library stamped.
     assert second == Event(bare[0][0], bare[0][1], None, "t", {}, now, None, None, "system", "info")
     assert rows[1][2] is None and rows[1][6] is None and rows[1][7] is None
 
@@ -117,28 +123,27 @@ def test_every_field_round_trips() -> None:
 )
 def test_timestamps_are_exact_to_the_microsecond(at: dt.datetime) -> None:
     row, payload = prepared(timestamp=at)
-    (fields,) = decode(copy_data([row], [payload], None))
+    (fields,) = decode(copy_data([row], [payload]))
     assert timestamp_of(fields[5] or b"") == at
 
 
 def test_the_payload_is_the_json_text_given() -> None:
     # The bytes sent are exactly the JSON the retry path compares with (no second serialisation).
     row, payload = prepared(payload={"b": 1, "a": [1e16, "\u2028"]})
-    (fields,) = decode(copy_data([row], [payload], dt.datetime.now(UTC)))
+    (fields,) = decode(copy_data(stamped([row], dt.datetime.now(UTC)), [payload]))
     assert fields[4] == payload == b"\x01" + orjson.dumps(row[4])
 
 
 def test_no_rows_is_a_header_and_a_trailer() -> None:
-    assert decode(copy_data([], [], None)) == []
+    assert decode(copy_data([], [])) == []
 
 
 @pytest.mark.parametrize("n", [0, 1, FIRST_CHUNK, FIRST_CHUNK + 1, 1000, 3 * MAX_CHUNK + 7])
 def test_the_chunks_join_to_the_data(n: int) -> None:
     events = [prepared(payload={"i": i}, correlation_id=str(i) if i % 2 else None) for i in range(n)]
-    rows, payloads = [e[0] for e in events], [e[1] for e in events]
-    now = dt.datetime.now(UTC)
-    chunks = [copy_chunk(rows, payloads, now, start, end) for start, end in chunk_ranges(n)]
-    assert b"".join(chunks) == copy_data(rows, payloads, now)
+    rows, payloads = stamped([e[0] for e in events], dt.datetime.now(UTC)), [e[1] for e in events]
+    chunks = [copy_chunk(rows, payloads, start, end) for start, end in chunk_ranges(n)]
+    assert b"".join(chunks) == copy_data(rows, payloads)
     # A small first piece (the server starts inserting at once), then pieces twice as big as the
     # one before, up to MAX_CHUNK rows.
     header, trailer = SIGNATURE + bytes(8), b"\xff\xff"
@@ -168,6 +173,6 @@ def test_the_chunks_join_to_the_data(n: int) -> None:
 def test_each_optional_field_alone_round_trips(fields: dict[str, Any]) -> None:
     now = dt.datetime(2026, 12, 1, tzinfo=UTC)
     events = [prepared(**fields), prepared(), prepared(**fields)]  # rows of both shapes, mixed
-    rows = decode(copy_data([e[0] for e in events], [e[1] for e in events], now))
+    rows = decode(copy_data(stamped([e[0] for e in events], now), [e[1] for e in events]))
     for (row, _), fields_read in zip(events, rows, strict=True):
         assert as_event(fields_read) == Event(*row[:5], row[5] or now, *row[6:])

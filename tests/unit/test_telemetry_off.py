@@ -5,30 +5,12 @@ this test process may have imported OpenTelemetry already."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def run(script: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("DASH_OTEL")}
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        cwd=ROOT,
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+from tests.fresh_python import run_fresh
 
 
 def test_without_telemetry_nothing_of_opentelemetry_is_imported() -> None:
-    done = run(
+    done = run_fresh(
         """
         import json, sys
         import dash_storage
@@ -65,7 +47,7 @@ from dash_storage.core.errors import ConfigurationError
 
 
 def test_without_the_extra_telemetry_says_what_to_install() -> None:
-    done = run(
+    done = run_fresh(
         BLOCKED
         + """
 try:
@@ -81,7 +63,7 @@ except ConfigurationError as exc:
 
 
 def test_dash_otel_without_the_extra_fails_naming_the_variable() -> None:
-    done = run(
+    done = run_fresh(
         BLOCKED
         + """
 try:

@@ -25,56 +25,40 @@ _counter = 0
 def new_id() -> uuid.UUID:
     """A new UUIDv7: 48-bit Unix milliseconds, then a 12-bit counter (monotonic within a
     millisecond in this process), then 62 random bits."""
-    global _last_ms, _counter
     with _lock:
-        ms = time.time_ns() // 1_000_000
-        if ms > _last_ms:
-            _last_ms = ms
-            _counter = _rand(10)  # a random start, leaving room to count up
-        else:
-            _counter += 1
-            if _counter > 0xFFF:  # counter overflow: borrow the next millisecond
-                _last_ms += 1
-                _counter = 0
-            ms = _last_ms
-        counter = _counter
-    rand = _rand(62)
-    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand
-    # uuid.UUID(int=value) with its argument checks skipped (the value is a valid 128-bit UUIDv7
-    # by construction): the same object, in less than half the time, for every row a batch writes.
-    made = _new(_UUID)
-    _set(made, "int", value)
-    _set(made, "is_safe", _UNKNOWN)
-    return made
+        ms, counter = _step(time.time_ns() // 1_000_000)
+    return _made(ms, counter)
 
 
 def new_ids(n: int) -> list[uuid.UUID]:
     """``n`` new UUIDv7s, as ``n`` calls of ``new_id`` would make them (in increasing order), for
     a batch: the clock and the lock are taken once."""
-    global _last_ms, _counter
-    if n <= 0:
-        return []
     with _lock:
-        ms = time.time_ns() // 1_000_000
-        if ms > _last_ms:
-            _last_ms = ms
-            _counter = _rand(10) - 1  # the first of the batch takes the random start
-        counters: list[int] = []
-        stamps: list[int] = []
-        counter, last = _counter, _last_ms
-        for _ in range(n):
-            counter += 1
-            if counter > 0xFFF:  # counter overflow: borrow the next millisecond
-                last += 1
-                counter = 0
-            counters.append(counter)
-            stamps.append(last)
-        _counter, _last_ms = counter, last
-    made: list[uuid.UUID] = []
-    add, rand, new, set_, cls, unknown = made.append, _rand, _new, _set, _UUID, _UNKNOWN
-    for ms, counter in zip(stamps, counters, strict=True):
-        one = new(cls)
-        set_(one, "int", (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand(62))
-        set_(one, "is_safe", unknown)
-        add(one)
+        now = time.time_ns() // 1_000_000
+        steps = [_step(now) for _ in range(n)]
+    return [_made(ms, counter) for ms, counter in steps]
+
+
+def _step(ms: int) -> tuple[int, int]:
+    """The millisecond and counter of the next id, the clock reading ``ms``; the caller holds
+    ``_lock``."""
+    global _last_ms, _counter
+    if ms > _last_ms:
+        _last_ms = ms
+        _counter = _rand(10)  # a random start, leaving room to count up
+    else:
+        _counter += 1
+        if _counter > 0xFFF:  # counter overflow: borrow the next millisecond
+            _last_ms += 1
+            _counter = 0
+    return _last_ms, _counter
+
+
+def _made(ms: int, counter: int) -> uuid.UUID:
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | _rand(62)
+    # uuid.UUID(int=value) with its argument checks skipped (the value is a valid 128-bit UUIDv7
+    # by construction): the same object, in less than half the time, for every row a batch writes.
+    made = _new(_UUID)
+    _set(made, "int", value)
+    _set(made, "is_safe", _UNKNOWN)
     return made

@@ -45,6 +45,7 @@ _TIMESTAMP = struct.Struct(">iq").pack  # length 8, microseconds since 2000-01-0
 _PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 _MICROSECOND = dt.timedelta(microseconds=1)
 _FIELDS = len(COPY_COLUMNS)
+_NOTHING_YET = object()  # no timestamp encoded yet
 # entity_type and severity as COPY fields (length, then UTF-8), both at once, encoded once.
 _CHOICE_PAIRS = {
     (e, s): _LENGTH(len(e.encode())) + e.encode() + _LENGTH(len(s.encode())) + s.encode()
@@ -53,11 +54,10 @@ _CHOICE_PAIRS = {
 }
 
 
-def copy_data(rows: Sequence[EventRow], payloads: Sequence[bytes], now: dt.datetime | None) -> bytes:
-    """``rows`` (with their payloads in jsonb's binary form, as ``prepare_event`` makes them) as
-    binary COPY data, columns in COPY_COLUMNS order. A row without a timestamp gets ``now``, which
-    must then be given."""
-    return _encode(rows, payloads, now, _HEADER, _TRAILER)
+def copy_data(rows: Sequence[EventRow], payloads: Sequence[bytes]) -> bytes:
+    """``rows`` (with their payloads in jsonb's binary form, as ``prepare_event`` makes them, and
+    each with its timestamp) as binary COPY data, columns in COPY_COLUMNS order."""
+    return _encode(rows, payloads, _HEADER, _TRAILER)
 
 
 def chunk_ranges(n: int) -> Iterator[tuple[int, int]]:
@@ -73,24 +73,19 @@ def chunk_ranges(n: int) -> Iterator[tuple[int, int]]:
         start, size = end, min(2 * size, MAX_CHUNK)
 
 
-def copy_chunk(
-    rows: Sequence[EventRow], payloads: Sequence[bytes], now: dt.datetime | None, start: int, end: int
-) -> bytes:
-    """Rows ``start`` to ``end`` of ``copy_data(rows, payloads, now)``: the piece of it they make
-    (with the header if ``start`` is 0, and the trailer if ``end`` is the last row)."""
+def copy_chunk(rows: Sequence[EventRow], payloads: Sequence[bytes], start: int, end: int) -> bytes:
+    """Rows ``start`` to ``end`` of ``copy_data(rows, payloads)``: the piece of it they make (with
+    the header if ``start`` is 0, and the trailer if ``end`` is the last row)."""
     head, tail = _HEADER if start == 0 else b"", _TRAILER if end == len(rows) else b""
-    return _encode(rows[start:end], payloads[start:end], now, head, tail)
+    return _encode(rows[start:end], payloads[start:end], head, tail)
 
 
-def _encode(
-    rows: Sequence[EventRow], payloads: Sequence[bytes], now: dt.datetime | None, head: bytes, tail: bytes
-) -> bytes:
+def _encode(rows: Sequence[EventRow], payloads: Sequence[bytes], head: bytes, tail: bytes) -> bytes:
     """``head``, the rows as binary COPY data, then ``tail``."""
-    default_ts = b"" if now is None else _TIMESTAMP(8, (now - _PG_EPOCH) // _MICROSECOND)
     # The timestamp field last encoded, by the datetime it came from: a batch stamped by the
     # library shares one datetime object, so it is encoded once.
-    last_ts: dt.datetime | None = now
-    last_field = default_ts
+    last_ts: object = _NOTHING_YET
+    last_field = b""
     null_null = _NULL + _NULL  # correlation_id and parent_event_id both left out
     out = [head]
     add = out.append
@@ -114,11 +109,10 @@ def _encode(
         add(field)
         add(length(len(p)))
         add(p)
-        if ts is None:
-            add(default_ts)
-        elif ts is last_ts:
+        if ts is last_ts:
             add(last_field)
         else:
+            assert ts is not None, "every row is stamped before it is encoded"
             last_ts, last_field = ts, _TIMESTAMP(8, (ts - _PG_EPOCH) // _MICROSECOND)
             add(last_field)
         if corr is None and parent is None:

@@ -242,7 +242,7 @@ async def _insert_attempt(
     columns[4] = [payload_json(p).decode() for p in payloads]
     if attempt == 1:
         await con.fetchval(INSERT_EVENTS, *columns)
-        return _as_stored(rows, payloads, None)  # every timestamp was fixed before the first attempt
+        return _as_stored(rows, payloads)
     # A retry. One transaction, so that finding another event's id rolls the whole batch back.
     # The ids are looked up first (written by the attempt whose answer was lost, or another
     # event's id, possibly with another timestamp, which the key (id, timestamp) would not catch).
@@ -342,7 +342,7 @@ class _CopySource:
             self.written()
             raise StopAsyncIteration
         start, end = piece
-        data = copy_chunk(_complete(self._rows, start, end, self._now), self._payloads, None, start, end)
+        data = copy_chunk(_complete(self._rows, start, end, self._now), self._payloads, start, end)
         self._build_to(start)
         self._sent_to = end
         return data
@@ -352,7 +352,7 @@ class _CopySource:
         done = len(self._built)
         if end > done:
             rows = _sent(self._rows)
-            self._built += _as_stored(rows[done:end], self._payloads[done:end], self._now)
+            self._built += _as_stored(rows[done:end], self._payloads[done:end])
 
     def written(self) -> list[Event]:
         """The events as stored, once the COPY succeeded (see ``_as_stored``)."""
@@ -386,18 +386,18 @@ def _sent(rows: list[PendingRow]) -> list[EventRow]:
     return cast(list[EventRow], rows)
 
 
-def _as_stored(rows: Sequence[EventRow], payloads: Sequence[bytes], now: dt.datetime | None) -> list[Event]:
-    """Events just written, as stored, a timestamp left out being ``now`` (that of the writing
-    transaction): every value is what was sent (timestamps in UTC, as the database hands
-    them back); the payload is decoded from the very JSON text sent (``p[1:]``, what follows
-    jsonb's version byte: ``payload_json`` inlined). JSONB keeps its values; what a read may spell
-    differently is key order (dict equality ignores it) and a float written with an exponent that
-    is a whole number (1e+16 reads back as the equal int 10000000000000000)."""
+def _as_stored(rows: Sequence[EventRow], payloads: Sequence[bytes]) -> list[Event]:
+    """Events just written, as stored (rows completed by ``_complete``): every value is what was
+    sent (timestamps in UTC, as the database hands them back); the payload is decoded from the
+    very JSON text sent (``p[1:]``, what follows jsonb's version byte: ``payload_json`` inlined).
+    JSONB keeps its values; what a read may spell differently is key order (dict equality ignores
+    it) and a float written with an exponent that is a whole number (1e+16 reads back as the equal
+    int 10000000000000000)."""
     # tuple.__new__ builds each Event from its fields in order, without the Python-level __new__
     # of a NamedTuple, which binds ten arguments by name.
     loads, make = orjson.loads, tuple.__new__
     return [
-        make(Event, (r[0], r[1], r[2], r[3], loads(p[1:]), r[5] or now, r[6], r[7], r[8], r[9]))
+        make(Event, (r[0], r[1], r[2], r[3], loads(p[1:]), r[5], r[6], r[7], r[8], r[9]))
         for r, p in zip(rows, payloads, strict=True)
     ]
 
