@@ -437,6 +437,27 @@ async def test_writer_error_reaches_only_the_callers_it_concerns(db: Database) -
     assert await db.fetchval("SELECT count(*) FROM events") == 1 + 200 - 6
 
 
+async def test_writer_holds_a_repeated_id_until_its_twin_is_written(db: Database, gate: CommitGate) -> None:
+    """Two creates of one caller-given id never go out in two batches at once: with different
+    timestamps both would pass the look-up of given ids and be stored. The second waits until the
+    first has committed, then fails as a conflict."""
+    swarm = await make_swarm(db)
+    twice = new_id()
+    async with EventWriter(db, max_concurrency=2) as writer:
+        async with gate.held():
+            first = asyncio.create_task(writer.create(swarm, "first", id=twice))
+            await wait_until(gate.stalled, "the first batch waits at COMMIT")
+            second = asyncio.create_task(writer.create(swarm, "second", id=twice))
+            await asyncio.sleep(0.3)  # time for a wrongly sent second batch to reach COMMIT
+            waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objid = $1"
+            assert await gate.admin.fetchval(waiting, GATE_KEY) == 1
+            assert not second.done()
+        assert (await first).id == twice
+        with pytest.raises(ConflictError):
+            await second
+    assert await db.fetchval("SELECT count(*) FROM events WHERE id = $1", twice) == 1
+
+
 async def test_writer_validates_in_the_callers_task_before_queueing(db: Database) -> None:
     swarm = await make_swarm(db)
     async with EventWriter(db) as writer:

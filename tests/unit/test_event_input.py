@@ -9,6 +9,7 @@ from collections import OrderedDict
 from enum import IntEnum
 from typing import Any
 
+import orjson
 import pytest
 
 from dash_storage import EventRepository, EventWriter
@@ -179,10 +180,13 @@ def test_a_batch_holds_at_most_max_batch_events() -> None:
 
 
 def test_prepare_serialises_the_validated_payload() -> None:
-    row, payload = prepare_event({"swarm_id": SWARM, "type": "t", "payload": ("a", 1)})
-    assert payload == b'\x01["a",1]'  # jsonb's binary form: version 1, then the JSON text
-    assert payload_json(payload) == b'["a",1]'
-    assert row[4] == ("a", 1)
+    given = {"swarm_id": SWARM, "type": "t", "payload": {"list": ("a", 1)}}
+    row, payload = prepare_event(given)
+    assert payload == b'\x01{"list":["a",1]}'  # jsonb's binary form: version 1, then the JSON text
+    assert payload_json(payload) == b'{"list":["a",1]}'
+    # The row is the event as stored: its payload as a read hands it back, shared with nobody.
+    assert type(row) is Event and row[4] == {"list": ["a", 1]}
+    assert row[4] is not given["payload"]
 
 
 # -- the fast path -----------------------------------------------------------------------------------
@@ -257,9 +261,15 @@ def test_the_fast_path_gives_what_the_full_checks_give(event: dict[str, Any]) ->
     if fast is not None:
         assert fast == slow
         assert [type(v) for v in fast[0]] == [type(v) for v in slow[0]]
-    assert prepare_event(event) == slow
+    # prepare_event and prepare_batch hand the event as stored: its payload decoded from the JSON
+    # sent; prepare_batch also stamps ``now`` when no timestamp was given.
+    as_stored = (*slow_row[:4], orjson.loads(payload_json(slow[1])), *slow_row[5:])
+    assert prepare_event(event) == (as_stored, slow[1])
     assert check_event(event) == slow_row
-    assert prepare_batch([event]) == ([slow_row], [slow[1]])
+    assert prepare_batch([event]) == ([as_stored], [slow[1]], [slow_row[0]])
+    now = dt.datetime.now(dt.UTC)
+    stamped = prepare_batch([event], now)[0][0]
+    assert stamped[5] == (now if slow_row[5] is None else slow_row[5])
 
 
 HOSTILE: list[tuple[str, Any]] = [

@@ -45,7 +45,7 @@ _TIMESTAMP = struct.Struct(">iq").pack  # length 8, microseconds since 2000-01-0
 _PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 _MICROSECOND = dt.timedelta(microseconds=1)
 _FIELDS = len(COPY_COLUMNS)
-_NOTHING_YET = object()  # no timestamp encoded yet
+_NOTHING_YET = object()  # no timestamp (or id) encoded yet
 # entity_type and severity as COPY fields (length, then UTF-8), both at once, encoded once.
 _CHOICE_PAIRS = {
     (e, s): _LENGTH(len(e.encode())) + e.encode() + _LENGTH(len(s.encode())) + s.encode()
@@ -83,26 +83,31 @@ def copy_chunk(rows: Sequence[EventRow], payloads: Sequence[bytes], start: int, 
 def _encode(rows: Sequence[EventRow], payloads: Sequence[bytes], head: bytes, tail: bytes) -> bytes:
     """``head``, the rows as binary COPY data, then ``tail``."""
     # The timestamp field last encoded, by the datetime it came from: a batch stamped by the
-    # library shares one datetime object, so it is encoded once.
+    # library shares one datetime object, so it is encoded once. Likewise the swarm and agent ids:
+    # a batch usually names one swarm (and agent) object throughout.
     last_ts: object = _NOTHING_YET
     last_field = b""
+    last_swarm: object = _NOTHING_YET
+    swarm_bytes = b""
+    last_agent: object = _NOTHING_YET
+    agent_bytes = b""
     null_null = _NULL + _NULL  # correlation_id and parent_event_id both left out
     out = [head]
     add = out.append
     null, length, uuid_field, choices = _NULL, _LENGTH, _UUID, _CHOICE_PAIRS
     types: dict[str, bytes] = {}  # the type field of each type seen (a batch repeats a few)
     # One list of pieces joined once; a UUID's 16 bytes from its int (``.bytes`` is a property
-    # that does the same, at the cost of a Python call).
+    # of the standard class that does the same, at the cost of a Python call).
     for r, p in zip(rows, payloads, strict=True):
-        agent, typ, ts, corr, parent = r[2], r[3], r[5], r[6], r[7]
+        swarm, agent, typ, ts, corr, parent = r[1], r[2], r[3], r[5], r[6], r[7]
+        if swarm is not last_swarm:
+            last_swarm, swarm_bytes = swarm, swarm.int.to_bytes(16)
         if agent is None:
-            add(_ROW_START_NO_AGENT(_FIELDS, 16, r[0].int.to_bytes(16), 16, r[1].int.to_bytes(16), -1))
+            add(_ROW_START_NO_AGENT(_FIELDS, 16, r[0].int.to_bytes(16), 16, swarm_bytes, -1))
         else:
-            add(
-                _ROW_START(
-                    _FIELDS, 16, r[0].int.to_bytes(16), 16, r[1].int.to_bytes(16), 16, agent.int.to_bytes(16)
-                )
-            )
+            if agent is not last_agent:
+                last_agent, agent_bytes = agent, agent.int.to_bytes(16)
+            add(_ROW_START(_FIELDS, 16, r[0].int.to_bytes(16), 16, swarm_bytes, 16, agent_bytes))
         field = types.get(typ)
         if field is None:
             field = types[typ] = _text_field(typ)

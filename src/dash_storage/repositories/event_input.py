@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any, Required, TypedDict, cast
 
 import orjson
@@ -24,8 +24,8 @@ import orjson
 from dash_storage.core import driver
 from dash_storage.core import validation as v
 from dash_storage.core.errors import ValidationError
-from dash_storage.core.ids import new_id
-from dash_storage.core.models import EntityType, Severity
+from dash_storage.core.ids import new_id, new_ids
+from dash_storage.core.models import EntityType, Event, Severity
 
 __all__ = [
     "ENTITY_TYPES",
@@ -37,10 +37,10 @@ __all__ = [
     "EventFields",
     "EventInput",
     "EventRow",
-    "PendingRow",
     "check_batch",
     "check_event",
     "dump_payload",
+    "make_event",
     "payload_json",
     "prepare_batch",
     "prepare_event",
@@ -86,8 +86,9 @@ REQUIRED: tuple[str, ...] = tuple(
 FIELDS: frozenset[str] = frozenset(EventInput.__annotations__)
 
 #: A validated event, in the field order of ``Event`` (which is also the parameter order of
-#: insert_event and the column order of the binary COPY): the id is set, the payload is still a
-#: Python value, the timestamp is in UTC or None (the database clock).
+#: insert_event and the column order of the binary COPY): the id is set, the payload is a Python
+#: value, the timestamp is in UTC or None (the database clock). The rows of ``prepare_event`` and
+#: ``prepare_batch`` are ``Event`` objects already, their payloads as stored (see ``prepare_batch``).
 EventRow = tuple[
     uuid.UUID,
     uuid.UUID,
@@ -100,10 +101,8 @@ EventRow = tuple[
     str,
     str,
 ]
-#: A row of ``prepare_batch``: an EventRow whose id is None when the caller gave none. Generating
-#: ids costs about as much as validating; ``event_ingest`` does it while the server inserts the
-#: rows sent before, always before the row is first sent (so every attempt sends the same id).
-PendingRow = tuple[
+# A row as validation makes it: its id is None when the caller gave none and none was asked for.
+_CheckedRow = tuple[
     uuid.UUID | None,
     uuid.UUID,
     uuid.UUID | None,
@@ -132,7 +131,7 @@ def check_event(event: Mapping[str, Any], prefix: str = "") -> EventRow:
     return cast(EventRow, row)  # its id is set (new=True)
 
 
-def _check_event(event: Mapping[str, Any], prefix: str, new: bool) -> PendingRow:
+def _check_event(event: Mapping[str, Any], prefix: str, new: bool) -> _CheckedRow:
     """``check_event`` for any input: every rule, each failure a ValidationError naming the field.
     An id not given is generated if ``new``, else left None."""
     if not FIELDS.issuperset(event):
@@ -174,21 +173,33 @@ def _check_event(event: Mapping[str, Any], prefix: str, new: bool) -> PendingRow
 def check_batch(events: Any) -> list[EventRow]:
     """Validate the items of ``create_many`` (mappings of ``EventInput``), with distinct ids; an
     id not given is generated."""
-    return [cast(EventRow, r if r[0] is not None else (new_id(), *r[1:])) for r in prepare_batch(events)[0]]
+    return prepare_batch(events)[0]
 
 
-def prepare_batch(events: Any) -> tuple[list[PendingRow], list[bytes]]:
-    """Validate the items of ``create_many`` as ``check_batch`` does, in one pass, and serialise
-    their payloads (for ``insert_prepared``): the rows, and the payloads in the same order. An id
-    not given is left None, for ``insert_prepared`` to generate."""
+def prepare_batch(
+    events: Any, now: dt.datetime | None = None
+) -> tuple[list[EventRow], list[bytes], list[uuid.UUID]]:
+    """Validate the items of ``create_many`` as ``check_batch`` does, in one pass, and make each
+    the event as it will be stored, for ``insert_prepared``: an id not given is a new UUIDv7, a
+    timestamp not given is ``now`` (left None if ``now`` is None), and the payload is decoded from
+    the JSON text that will be sent (see ``make_event``). Returns the rows (``Event`` objects),
+    their payloads serialised in the same order, and the ids the caller gave (only those can be
+    stored already).
+
+    Making each row whole here, in one tuple, costs less than completing it later: a batch of a
+    thousand events otherwise builds thousands of short-lived tuples, and the garbage collector
+    scans what is alive meanwhile."""
     if isinstance(events, str | bytes | Mapping) or not isinstance(events, Iterable):
         raise ValidationError("events", "must be a list of events (mappings)")
-    rows: list[PendingRow] = []
+    rows: list[EventRow] = []
     payloads: list[bytes] = []
-    add_row, add_payload = rows.append, payloads.append
+    given: list[uuid.UUID] = []
+    add_row, add_payload, add_given = rows.append, payloads.append, given.append
     seen: dict[int, int] = {}  # the ids as ints: hashing a UUID object costs a Python call
     first_of = seen.setdefault
-    fast = _fast_event
+    fast, stored, loads = _fast_event, make_event, orjson.loads
+    size = len(events) if isinstance(events, Sized) else None
+    fresh: list[uuid.UUID] = []  # new ids not used yet, the next one last
     for i, item in enumerate(events):
         if i >= MAX_BATCH:
             raise ValidationError("events", f"holds more than {MAX_BATCH} events; split the batch")
@@ -199,23 +210,52 @@ def prepare_batch(events: Any) -> tuple[list[PendingRow], list[bytes]]:
             prefix = f"events[{i}]."
             row = _check_event(item, prefix, False)
             got = row, dump_payload(row[4], prefix + "payload")
-        row = got[0]
-        if row[0] is not None:  # ids generated later are new, and distinct
-            first = first_of(row[0].int, i)
+        row, text = got
+        event_id = row[0]
+        if event_id is None:
+            if not fresh:  # ids for the rest of the batch (made together, they cost less)
+                fresh = new_ids(min(size - i if size is not None else 64, MAX_BATCH))
+                fresh.reverse()
+            event_id = fresh.pop()
+        else:
+            first = first_of(event_id.int, i)
             if first != i:
                 raise ValidationError(f"events[{i}].id", f"repeats the id of events[{first}]")
-        add_row(row)
-        add_payload(got[1])
-    return rows, payloads
+            add_given(event_id)
+        ts = row[5]
+        # The Event as stored (``make_event``), built here in one go.
+        add_row(
+            stored(
+                Event,
+                (event_id, row[1], row[2], row[3], loads(text[1:]),
+                 now if ts is None else ts, row[6], row[7], row[8], row[9]),
+            )
+        )  # fmt: skip
+        add_payload(text)
+    return rows, payloads, given
 
 
 def prepare_event(event: Mapping[str, Any]) -> tuple[EventRow, bytes]:
-    """Validate one event as ``create`` does and serialise its payload (for ``insert_prepared``)."""
+    """Validate one event as ``create`` does and serialise its payload (for ``insert_prepared``):
+    the row is the event as it will be stored (as in ``prepare_batch``), its timestamp None when
+    not given."""
     got = _fast_event(event, True) if type(event) is dict else None
     if got is None:
         row = _check_event(event, "", True)
         got = row, dump_payload(row[4], "payload")
-    return cast(tuple[EventRow, bytes], got)  # its id is set (new=True)
+    row, text = got
+    return make_event(Event, (*row[:4], orjson.loads(text[1:]), *row[5:])), text
+
+
+# tuple.__new__ builds an Event from its fields in order, without the Python-level __new__ of a
+# NamedTuple, which binds ten arguments by name. Each Event made by ``prepare_batch`` and
+# ``prepare_event`` holds the event as a read would hand it back: every value is what is sent
+# (timestamps in UTC, as the database hands them back), and the payload is decoded from the very
+# JSON text sent (what follows jsonb's version byte: ``payload_json`` inlined), so it shares nothing
+# with the caller's. JSONB keeps its values; what a read may spell differently is key order (dict
+# equality ignores it) and a float written with an exponent that is a whole number (1e+16 reads
+# back as the equal int 10000000000000000).
+make_event = cast(Callable[[type[Event], tuple[Any, ...]], EventRow], tuple.__new__)
 
 
 def dump_payload(value: Any, field: str) -> bytes:
@@ -260,7 +300,7 @@ _dumps = orjson.dumps
 _JSONError = orjson.JSONEncodeError
 
 
-def _fast_event(event: dict[str, Any], new: bool) -> tuple[PendingRow, bytes] | None:
+def _fast_event(event: dict[str, Any], new: bool) -> tuple[_CheckedRow, bytes] | None:
     """``(_check_event(event, "", new), dump_payload(...))`` for an event on the fast path, else
     None.
 

@@ -222,12 +222,11 @@ async def cover(db: Database, timestamps: Iterable[dt.datetime]) -> None:
         await _refresh(db, pmap, missing)
 
 
-async def cover_rows(db: Database, rows: Sequence[Sequence[Any]], now: dt.datetime | None = None) -> None:
-    """``cover`` for the timestamps of validated event rows (field 5; ``now`` for a row without)."""
-    stamps: list[dt.datetime] = [r[5] for r in rows if r[5] is not None]
-    if len(stamps) < len(rows):
-        assert now is not None, "rows without a timestamp need now"
-        stamps.append(now)
+async def cover_rows(db: Database, rows: Sequence[Sequence[Any]]) -> None:
+    """``cover`` for the timestamps of validated event rows (field 5, set in every row)."""
+    # A batch stamped by the library shares one datetime object: compared by identity first.
+    common = rows[0][5]
+    stamps: list[dt.datetime] = [common, *(ts for r in rows if (ts := r[5]) is not common)]
     low, high = min(stamps), max(stamps)
     pmap = await _map(db)
     if pmap.covered(low) and pmap.covered(high) and _same_partition(pmap, low, high):

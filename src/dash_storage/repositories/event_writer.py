@@ -64,6 +64,7 @@ class EventWriter:
         "_concurrency",
         "_db",
         "_inflight",
+        "_inflight_ids",
         "_max_batch",
         "_max_delay",
         "_pending",
@@ -93,6 +94,9 @@ class EventWriter:
         self._max_delay = max_delay_ms / 1000.0
         self._pending: deque[_Item] = deque()
         self._inflight: dict[asyncio.Task[None], list[asyncio.Future[Event]]] = {}
+        # The ids callers gave to the events being written (as ints), which a queued event that
+        # repeats one must not join (see ``_take``).
+        self._inflight_ids: set[int] = set()
         self._concurrency = concurrency
         self._slot_freed = asyncio.Event()
         self._wakeup = asyncio.Event()
@@ -179,8 +183,12 @@ class EventWriter:
                     await self._slot_freed.wait()
                 await self._linger(loop)
                 batch = self._take()
-                if not batch:  # every queued caller had been cancelled
-                    continue
+                if not batch:
+                    if self._pending:  # each repeats the id of an event being written: wait for it
+                        self._slot_freed.clear()
+                        await self._slot_freed.wait()
+                    continue  # (else every queued caller had been cancelled)
+                self._inflight_ids.update(item[0][0].int for item in batch if item[3])
                 task = loop.create_task(self._write(batch))
                 self._inflight[task] = [item[2] for item in batch]
                 task.add_done_callback(self._written)
@@ -205,10 +213,14 @@ class EventWriter:
             size = grown
 
     def _take(self) -> list[_Item]:
-        """Up to max_batch queued events with distinct ids (a repeated id waits for a later batch,
-        where it fails alone as a conflict); cancelled callers are dropped."""
+        """Up to max_batch queued events with distinct ids; cancelled callers are dropped. An event
+        that repeats the id of another in the batch, or of one being written, waits until that
+        write has ended, and then fails alone as a conflict (or is written, if the other failed).
+        Two batches in flight at once must not hold one id: with different timestamps both would
+        pass the look-up of caller-given ids and be stored."""
         batch: list[_Item] = []
         ids: set[int] = set()  # the ids as ints: hashing a UUID object costs a Python call
+        busy = self._inflight_ids
         later: list[_Item] = []
         pending = self._pending
         while pending and len(batch) < self._max_batch:
@@ -216,7 +228,7 @@ class EventWriter:
             if item[2].done():
                 continue
             event_id = item[0][0].int
-            if event_id in ids:
+            if event_id in ids or (item[3] and event_id in busy):
                 later.append(item)
                 continue
             ids.add(event_id)
@@ -247,6 +259,8 @@ class EventWriter:
                 error.__cause__ = exc
             _fail(batch, error)
             raise
+        finally:
+            self._inflight_ids.difference_update(item[0][0].int for item in batch if item[3])
 
     async def _write_or_split(self, batch: list[_Item]) -> None:
         """Write the batch; if a row-level error fails it, bisect to isolate the culprits."""
@@ -255,7 +269,7 @@ class EventWriter:
                 self.db,
                 [item[0] for item in batch],
                 [item[1] for item in batch],
-                given=[item[3] for item in batch],
+                given_ids=[item[0][0] for item in batch if item[3]],
             )
         except DashStorageError as exc:
             if len(batch) == 1 or not _may_concern_some_rows(exc):

@@ -97,10 +97,12 @@ class EventRepository(Repository):
         cancelled) mid-write may or may not have stored its batch, whole or not at all: give ids
         yourself to find out (a repeated call then answers ConflictError for a stored batch).
         """
-        rows, payloads = prepare_batch(events)
+        # The database clock as this process knows it, if it needs no round trip (usually): each
+        # event is then stamped as it is validated. Otherwise the write stamps them.
+        rows, payloads, given = prepare_batch(events, partitions.ready(self.db, None))
         if not rows:
             return []
-        return await insert_prepared(self.db, rows, payloads)
+        return await insert_prepared(self.db, rows, payloads, given_ids=given)
 
     async def find_by_id(self, id: uuid.UUID | str) -> Event | None:
         """The event with this id, or None."""
