@@ -112,10 +112,13 @@ class CommitGate:
 
     async def stalled(self) -> bool:
         """True once a backend waits for the gate, i.e. is stuck in its COMMIT."""
-        return bool(
+        return await self.waiting() > 0
+
+    async def waiting(self) -> int:
+        """How many backends wait for the gate."""
+        return int(
             await self.admin.fetchval(
-                "SELECT count(*) > 0 FROM pg_locks "
-                "WHERE locktype = 'advisory' AND NOT granted AND objid = $1",
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objid = $1",
                 GATE_KEY,
             )
         )
@@ -449,8 +452,7 @@ async def test_writer_holds_a_repeated_id_until_its_twin_is_written(db: Database
             await wait_until(gate.stalled, "the first batch waits at COMMIT")
             second = asyncio.create_task(writer.create(swarm, "second", id=twice))
             await asyncio.sleep(0.3)  # time for a wrongly sent second batch to reach COMMIT
-            waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objid = $1"
-            assert await gate.admin.fetchval(waiting, GATE_KEY) == 1
+            assert await gate.waiting() == 1
             assert not second.done()
         assert (await first).id == twice
         with pytest.raises(ConflictError):

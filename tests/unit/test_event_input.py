@@ -211,6 +211,17 @@ for _ in range(64):
     NESTED_64 = [NESTED_64]
 
 
+def same_types(a: Any, b: Any) -> bool:
+    """The same types all the way down (1 is not 1.0, a tuple is not a list)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same_types(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same_types(x, y) for x, y in zip(a, b, strict=True))
+    return True
+
+
 def _event(**fields: Any) -> dict[str, Any]:
     return {"swarm_id": SWARM, "type": "agent.step", "id": new_id(), **fields}
 
@@ -229,6 +240,7 @@ FAST: list[dict[str, Any]] = [
         entity_type="task",
         severity="critical",
     ),
+    _event(payload={"f": 1.5, "neg": -0.0, "tiny": 5e-324, "none": None, "no": False, "i": -(2**63 - 1)}),
     _event(payload="a string"),
     _event(payload=0),
     _event(payload=False),
@@ -259,8 +271,12 @@ def test_the_fast_path_gives_what_the_full_checks_give(event: dict[str, Any]) ->
     fast = _fast_event(event, True)
     assert (fast is not None) == any(event is e for e in FAST)
     if fast is not None:
-        assert fast == slow
+        assert fast[:2] == slow
         assert [type(v) for v in fast[0]] == [type(v) for v in slow[0]]
+        stored = orjson.loads(payload_json(slow[1]))
+        # The copy it may hand of the payload as stored: equal to the decoded JSON, types too.
+        if fast[2] is not None:
+            assert fast[2] == stored and same_types(fast[2], stored) and fast[2] is not event.get("payload")
     # prepare_event and prepare_batch hand the event as stored: its payload decoded from the JSON
     # sent; prepare_batch also stamps ``now`` when no timestamp was given.
     as_stored = (*slow_row[:4], orjson.loads(payload_json(slow[1])), *slow_row[5:])

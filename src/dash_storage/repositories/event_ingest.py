@@ -303,9 +303,12 @@ async def _pieces(rows: Sequence[EventRow], payloads: Sequence[bytes]) -> AsyncI
 def _stamped(rows: Sequence[EventRow], now: dt.datetime) -> list[Event]:
     """``rows`` (Events but for a missing timestamp) with ``now`` as the timestamp of those that
     have none."""
-    return cast(
-        list[Event], [r if r[5] is not None else make_event(Event, (*r[:5], now, *r[6:])) for r in rows]
-    )
+    make = make_event
+    stamped = [
+        r if r[5] is not None else make(Event, (r[0], r[1], r[2], r[3], r[4], now, r[6], r[7], r[8], r[9]))
+        for r in rows
+    ]
+    return cast(list[Event], stamped)
 
 
 def _duplicate_id(exc: Exception) -> bool:

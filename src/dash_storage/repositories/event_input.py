@@ -209,8 +209,8 @@ def prepare_batch(
                 raise ValidationError(f"events[{i}]", f"must be a mapping, got {type(item).__name__}")
             prefix = f"events[{i}]."
             row = _check_event(item, prefix, False)
-            got = row, dump_payload(row[4], prefix + "payload")
-        row, text = got
+            got = row, dump_payload(row[4], prefix + "payload"), None
+        row, text, payload = got
         event_id = row[0]
         if event_id is None:
             if not fresh:  # ids for the rest of the batch (made together, they cost less)
@@ -227,7 +227,7 @@ def prepare_batch(
         add_row(
             stored(
                 Event,
-                (event_id, row[1], row[2], row[3], loads(text[1:]),
+                (event_id, row[1], row[2], row[3], loads(text[1:]) if payload is None else payload,
                  now if ts is None else ts, row[6], row[7], row[8], row[9]),
             )
         )  # fmt: skip
@@ -242,9 +242,12 @@ def prepare_event(event: Mapping[str, Any]) -> tuple[EventRow, bytes]:
     got = _fast_event(event, True) if type(event) is dict else None
     if got is None:
         row = _check_event(event, "", True)
-        got = row, dump_payload(row[4], "payload")
-    row, text = got
-    return make_event(Event, (*row[:4], orjson.loads(text[1:]), *row[5:])), text
+        got = row, dump_payload(row[4], "payload"), None
+    row, text, payload = got
+    if payload is None:
+        payload = orjson.loads(text[1:])
+    r = row
+    return make_event(Event, (r[0], r[1], r[2], r[3], payload, r[5], r[6], r[7], r[8], r[9])), text
 
 
 # tuple.__new__ builds an Event from its fields in order, without the Python-level __new__ of a
@@ -284,6 +287,10 @@ _UUID = uuid.UUID
 # The exact UUID classes taken as they are: the standard one, and asyncpg's subclass, which every
 # id read from the database is (an event of a swarm the caller just created names it so).
 _UUIDS = frozenset(driver.uuid_types())
+_ID = driver.uuid_from_bytes()  # asyncpg's class: the ids this library makes, and every id read
+# The event types seen to pass the checks (a batch repeats a few): looked up, not checked again.
+_known_types: set[str] = set()
+_KNOWN_TYPES = 4096  # at most this many are kept
 _DATETIME = dt.datetime
 _UTC = dt.UTC
 _MAX_TEXT = v.SHORT_TEXT
@@ -300,9 +307,11 @@ _dumps = orjson.dumps
 _JSONError = orjson.JSONEncodeError
 
 
-def _fast_event(event: dict[str, Any], new: bool) -> tuple[_CheckedRow, bytes] | None:
-    """``(_check_event(event, "", new), dump_payload(...))`` for an event on the fast path, else
-    None.
+def _fast_event(event: dict[str, Any], new: bool) -> tuple[_CheckedRow, bytes, Any] | None:
+    """``(_check_event(event, "", new), dump_payload(...), stored)`` for an event on the fast
+    path, else None. ``stored`` is a copy of the payload as the database will hand it back, when
+    that is cheap to make (a dict of strings, numbers, booleans and None, copied), else None:
+    decode the JSON text for it.
 
     Accepts a subset of what ``check_event`` accepts and returns the same row: exact types only
     (no subclasses, but asyncpg's own UUID class), ASCII texts, a timestamp whose tzinfo is UTC
@@ -312,25 +321,48 @@ def _fast_event(event: dict[str, Any], new: bool) -> tuple[_CheckedRow, bytes] |
         return None
     get = event.get
     sid = get("swarm_id")
-    if type(sid) is not _UUID:
+    if type(sid) is not _ID and type(sid) is not _UUID:
         sid = _uuid_or_slow(sid)
         if sid is None or sid is _SLOW:
             return None
     typ = get("type")
-    if (
-        type(typ) is not str
-        or not 0 < len(typ) <= _MAX_TEXT
-        or not typ.isascii()
-        or "\x00" in typ
-        or typ.isspace()
-    ):
+    if type(typ) is not str:
         return None
+    if typ not in _known_types:
+        if not 0 < len(typ) <= _MAX_TEXT or not typ.isascii() or "\x00" in typ or typ.isspace():
+            return None
+        if len(_known_types) >= _KNOWN_TYPES:
+            _known_types.clear()
+        _known_types.add(typ)
     payload = get("payload")
     if payload is None:
         data: Any = {}
+        stored: Any = {}
         text = _EMPTY_OBJECT
     else:
-        if not _plain_json(payload, 0):
+        if type(payload) is dict:
+            # The usual payload, checked here: a dict, often of plain values only (then its copy
+            # is the payload as stored, much cheaper than decoding the JSON text).
+            flat = True
+            for item in payload.values():
+                t = type(item)
+                if t is str or item is None or t is bool:
+                    continue
+                if t is int:
+                    if -_MAX_INT <= item <= _MAX_INT:
+                        continue
+                    return None
+                if t is float:
+                    if item - item == 0.0:  # finite: inf - inf and nan - nan are nan
+                        continue
+                    return None
+                if not _plain_json(item, 1):
+                    return None
+                flat = False
+            stored = payload.copy() if flat else None
+        elif _plain_json(payload, 0):
+            stored = None
+        else:
             return None
         try:
             text = _dumps(payload)
@@ -371,8 +403,8 @@ def _fast_event(event: dict[str, Any], new: bool) -> tuple[_CheckedRow, bytes] |
             event_id = new_id()
     elif type(event_id) is not _UUID and (event_id := _uuid_or_slow(event_id)) is _SLOW:
         return None
-    row = (event_id, sid, agent, typ, data, ts, corr, parent, entity_type, severity)
-    return row, text
+    row = cast(_CheckedRow, (event_id, sid, agent, typ, data, ts, corr, parent, entity_type, severity))
+    return row, text, stored
 
 
 def _uuid_or_slow(value: Any) -> Any:
