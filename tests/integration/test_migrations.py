@@ -98,10 +98,14 @@ _CATALOG_QUERIES = {
         WHERE n.nspname = 'public' AND a.attnum > 0 AND NOT a.attisdropped
           AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
         ORDER BY 1, 2""",
+    # NOT NULL constraints (catalogued from PostgreSQL 18 on) are compared by the columns query:
+    # their names are generated, and the migration that rebuilt events as a partitioned table got
+    # names with a suffix (the old table still held the plain ones), which no tool relies on.
     "constraints": """
         SELECT conrelid::regclass::text, conname, contype::text, pg_get_constraintdef(oid),
                condeferrable, condeferred
-        FROM pg_constraint WHERE connamespace = 'public'::regnamespace ORDER BY 1, 2""",
+        FROM pg_constraint WHERE connamespace = 'public'::regnamespace AND contype <> 'n'
+        ORDER BY 1, 2""",
     "indexes": """
         SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1, 2""",
     "views": """

@@ -172,6 +172,18 @@ def test_a_batch_repeats_no_id() -> None:
     assert (caught.value.field, caught.value.problem) == ("events[1].id", "repeats the id of events[0]")
 
 
+@pytest.mark.parametrize("as_generator", [False, True])
+def test_a_batch_gets_new_increasing_ids_and_keeps_those_given(as_generator: bool) -> None:
+    given = new_id()
+    items = [{"swarm_id": SWARM, "type": "t"} for _ in range(300)]
+    items[150]["id"] = given
+    rows, _, given_ids = prepare_batch((i for i in items) if as_generator else items)
+    assert rows[150][0] == given and given_ids == [given]
+    made = [r[0] for i, r in enumerate(rows) if i != 150]
+    assert made == sorted(made) and len(set(made)) == 299
+    assert all(i.version == 7 for i in made)
+
+
 def test_a_batch_holds_at_most_max_batch_events() -> None:
     item = {"swarm_id": SWARM, "type": "t"}
     assert len(check_batch(item for _ in range(MAX_BATCH))) == MAX_BATCH
