@@ -322,34 +322,33 @@ async def test_insert_path_after_a_lost_answer_stores_once_and_returns_the_store
     _stamped_together(created, log[0].tx_now)
 
 
-async def test_ids_generated_during_a_failed_copy_are_those_the_retry_sends(
+async def test_a_copy_broken_midway_is_retried_with_the_same_ids(
     db: Database, monkeypatch: pytest.MonkeyPatch, statements: Callable[[], Awaitable[list[Statement]]]
 ) -> None:
-    """Ids not given are generated as the COPY data is encoded; the connection breaking after the
-    first piece was sent leaves the rest without one. The retry sends the same ids for the rows
-    already sent, new ones for the others, and stores every event once."""
+    """Ids not given are made at validation, before anything is sent; the connection breaking
+    after the first piece of the COPY was sent leaves the rest unsent. The retry sends every row
+    with the id it had, and stores every event once."""
     swarm = await make_swarm(db)
-    sent: list[list[uuid.UUID]] = []
+    attempts: list[list[uuid.UUID]] = []  # the ids each attempt sent, piece by piece
     real_chunk = event_ingest.copy_chunk
 
     def breaking_chunk(rows: Sequence[Any], payloads: Any, start: int, end: int) -> bytes:
-        if len(sent) == 1 and start > 0:  # the second piece of the first attempt
-            sent.append([])
-            raise ConnectionResetError("the connection broke during the COPY")
         if start == 0:
-            sent.append([r[0] for r in rows[start:end]])
+            attempts.append([])
+        elif len(attempts) == 1:  # the second piece of the first attempt
+            raise ConnectionResetError("the connection broke during the COPY")
+        attempts[-1].extend(r[0] for r in rows[start:end])
         return real_chunk(rows, payloads, start, end)
 
     monkeypatch.setattr(event_ingest, "copy_chunk", breaking_chunk)
     n = 3 * FIRST_CHUNK
     created = await EventRepository(db).create_many([{"swarm_id": swarm, "type": f"e{i}"} for i in range(n)])
-    first_attempt, _, retry = sent
-    assert len(first_attempt) == FIRST_CHUNK and None not in first_attempt
-    assert retry == first_attempt  # the same ids, sent again
-    assert [e.id for e in created][:FIRST_CHUNK] == first_attempt
+    first_attempt, retry = attempts
+    ids = [e.id for e in created]
+    assert first_attempt == ids[:FIRST_CHUNK] and retry == ids  # the same ids, sent again
     assert [e.type for e in created] == [f"e{i}" for i in range(n)]
     assert tuple(await db.fetchrow("SELECT count(*), count(DISTINCT id) FROM events") or ()) == (n, n)
-    assert_same_events(await stored_events(db, [e.id for e in created]), created)
+    assert_same_events(await stored_events(db, ids), created)
     assert [(s.kind, s.rows) for s in await statements()] == [("COPY", n)]
 
 
@@ -443,7 +442,7 @@ async def test_writer_error_reaches_only_the_callers_it_concerns(db: Database) -
 async def test_writer_holds_a_repeated_id_until_its_twin_is_written(db: Database, gate: CommitGate) -> None:
     """Two creates of one caller-given id never go out in two batches at once: with different
     timestamps both would pass the look-up of given ids and be stored. The second waits until the
-    first has committed, then fails as a conflict."""
+    first has committed, then fails as a conflict; other events do not wait with it."""
     swarm = await make_swarm(db)
     twice = new_id()
     async with EventWriter(db, max_concurrency=2) as writer:
@@ -454,7 +453,16 @@ async def test_writer_holds_a_repeated_id_until_its_twin_is_written(db: Database
             await asyncio.sleep(0.3)  # time for a wrongly sent second batch to reach COMMIT
             assert await gate.waiting() == 1
             assert not second.done()
+            # An event with another id does not wait behind the held one: it goes out meanwhile.
+            third = asyncio.create_task(writer.create(swarm, "third"))
+
+            async def both_at_commit() -> bool:
+                return await gate.waiting() == 2
+
+            await wait_until(both_at_commit, "the third event's batch waits at COMMIT too")
+            assert not second.done()
         assert (await first).id == twice
+        assert (await third).type == "third"
         with pytest.raises(ConflictError):
             await second
     assert await db.fetchval("SELECT count(*) FROM events WHERE id = $1", twice) == 1

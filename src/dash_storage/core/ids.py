@@ -40,6 +40,8 @@ def new_id() -> uuid.UUID:
 def new_ids(n: int) -> list[uuid.UUID]:
     """``n`` new UUIDv7s, as ``n`` calls of ``new_id`` would make them (in increasing order), for
     a batch: the clock and the lock are taken once."""
+    if n <= 0:
+        return []
     with _lock:
         first = _reserve(time.time_ns() // 1_000_000, n)
     make, pack, rand, mask, version, variant = _from_bytes, _pack, _rand, _MS_MASK, _VERSION, _VARIANT
@@ -50,12 +52,12 @@ def new_ids(n: int) -> list[uuid.UUID]:
 
 
 def _reserve(ms: int, n: int) -> int:
-    """The millisecond and counter (``(ms << 12) | counter``) of the first of ``n`` new ids, the
-    clock reading ``ms``; the others follow it one by one. A millisecond the clock has moved on to
-    starts its counter at a random point below 1024, leaving room to count up; a counter that
-    runs past 4095 borrows the next millisecond. The caller holds ``_lock``."""
+    """The millisecond and counter (``(ms << 12) | counter``) of the first of ``n`` new ids (n at
+    least 1), the clock reading ``ms``; the others follow it one by one. A millisecond the clock
+    has moved on to starts its counter at a random point below 1024, leaving room to count up; a
+    counter that runs past 4095 borrows the next millisecond. The caller holds ``_lock``."""
     global _last
     start = ms << 12
     first = start | _rand(10) if start > _last else _last + 1
-    _last = first + n - 1 if n else _last
+    _last = first + n - 1
     return first

@@ -130,14 +130,14 @@ async def insert_prepared(
     rows: Sequence[EventRow],
     payloads: Sequence[bytes],
     *,
-    given_ids: Sequence[uuid.UUID] = (),
+    given_ids: Sequence[uuid.UUID],
 ) -> list[Event]:
-    """Write validated events (see ``prepare_event`` / ``prepare_batch``) all or nothing; the
-    stored events, in order.
+    """Write validated events all or nothing; the stored events, in order. ``rows`` are as
+    ``prepare_event`` / ``prepare_batch`` make them: ``Event`` objects, each the event as stored
+    but for a timestamp left None (those get the database clock, one value for all).
 
     ``given_ids`` are the ids that callers gave: only those are looked up before the write (the
     others are new UUIDv7s that no stored event has, and the look-up reads every partition).
-    Rows without a timestamp get the database clock, one value for all.
 
     Retried on transient failures: ids are fixed, and a retry attempt writes only the events the
     lost attempt did not, so every event is stored once. Rows must have distinct ids. A missing
@@ -149,7 +149,7 @@ async def insert_prepared(
     # The timestamp of the rows that have none is fixed here, before the first attempt, so that
     # every attempt sends the same.
     now = await partitions.now(db) if any(r[5] is None for r in rows) else None
-    stamped = _stamped(rows, now) if now is not None else cast(list[Event], rows)
+    stamped = _stamped(rows, now) if now is not None else cast(list[Event], list(rows))
     await partitions.cover_rows(db, stamped)
     if given_ids:
         # The key is (id, timestamp): an id stored with another timestamp is found only by a look-up.

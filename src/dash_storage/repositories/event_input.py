@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sized
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Required, TypedDict, cast
 
 import orjson
@@ -116,6 +116,8 @@ _CheckedRow = tuple[
 ]
 
 
+# New ids are made this many at a time for a batch (fewer when fewer are left to validate).
+_ID_BLOCK = 256
 #: What asyncpg sends as -infinity / infinity.
 _INFINITE = (dt.datetime.min.replace(tzinfo=dt.UTC), dt.datetime.max.replace(tzinfo=dt.UTC))
 
@@ -181,8 +183,9 @@ def prepare_batch(
 ) -> tuple[list[EventRow], list[bytes], list[uuid.UUID]]:
     """Validate the items of ``create_many`` as ``check_batch`` does, in one pass, and make each
     the event as it will be stored, for ``insert_prepared``: an id not given is a new UUIDv7, a
-    timestamp not given is ``now`` (left None if ``now`` is None), and the payload is decoded from
-    the JSON text that will be sent (see ``make_event``). Returns the rows (``Event`` objects),
+    timestamp not given is ``now`` (left None if ``now`` is None), and the payload is the value
+    the JSON text sent stands for, shared with nobody (see ``make_event``). Returns the rows
+    (``Event`` objects),
     their payloads serialised in the same order, and the ids the caller gave (only those can be
     stored already).
 
@@ -198,7 +201,7 @@ def prepare_batch(
     seen: dict[int, int] = {}  # the ids as ints: hashing a UUID object costs a Python call
     first_of = seen.setdefault
     fast, stored, loads = _fast_event, make_event, orjson.loads
-    size = len(events) if isinstance(events, Sized) else None
+    size = len(events) if type(events) is list or type(events) is tuple else None
     fresh: list[uuid.UUID] = []  # new ids not used yet, the next one last
     for i, item in enumerate(events):
         if i >= MAX_BATCH:
@@ -213,8 +216,8 @@ def prepare_batch(
         row, text, payload = got
         event_id = row[0]
         if event_id is None:
-            if not fresh:  # ids for the rest of the batch (made together, they cost less)
-                fresh = new_ids(min(size - i if size is not None else 64, MAX_BATCH))
+            if not fresh:  # ids for the rest of the batch, a block at a time (cheaper together)
+                fresh = new_ids(min(size - i, _ID_BLOCK) if size is not None else _ID_BLOCK)
                 fresh.reverse()
             event_id = fresh.pop()
         else:
@@ -254,10 +257,11 @@ def prepare_event(event: Mapping[str, Any]) -> tuple[EventRow, bytes]:
 # NamedTuple, which binds ten arguments by name. Each Event made by ``prepare_batch`` and
 # ``prepare_event`` holds the event as a read would hand it back: every value is what is sent
 # (timestamps in UTC, as the database hands them back), and the payload is decoded from the very
-# JSON text sent (what follows jsonb's version byte: ``payload_json`` inlined), so it shares nothing
-# with the caller's. JSONB keeps its values; what a read may spell differently is key order (dict
-# equality ignores it) and a float written with an exponent that is a whole number (1e+16 reads
-# back as the equal int 10000000000000000).
+# JSON text sent (what follows jsonb's version byte: ``payload_json`` inlined), or for a dict of
+# plain values a copy, which is the same value; either way it shares nothing with the caller's.
+# JSONB keeps its values; what a read may spell differently is key order (dict equality ignores
+# it) and a float written with an exponent that is a whole number (1e+16 reads back as the equal
+# int 10000000000000000).
 make_event = cast(Callable[[type[Event], tuple[Any, ...]], EventRow], tuple.__new__)
 
 
@@ -287,7 +291,7 @@ _UUID = uuid.UUID
 # The exact UUID classes taken as they are: the standard one, and asyncpg's subclass, which every
 # id read from the database is (an event of a swarm the caller just created names it so).
 _UUIDS = frozenset(driver.uuid_types())
-_ID = driver.uuid_from_bytes()  # asyncpg's class: the ids this library makes, and every id read
+_ID = driver.uuid_types()[1]  # asyncpg's class: the ids this library makes, and every id read
 # The event types seen to pass the checks (a batch repeats a few): looked up, not checked again.
 _known_types: set[str] = set()
 _KNOWN_TYPES = 4096  # at most this many are kept

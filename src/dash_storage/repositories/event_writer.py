@@ -138,7 +138,7 @@ class EventWriter:
         self._pending.append((row, data, future, fields.get("id") is not None))
         if self._task is None:
             self._task = loop.create_task(self._run(), name="dash-storage EventWriter")
-        if len(self._pending) == 1:
+        if len(self._pending) == 1 or self._inflight_ids:  # (the loop may wait, see _run)
             self._wakeup.set()
         return await future
 
@@ -184,9 +184,11 @@ class EventWriter:
                 await self._linger(loop)
                 batch = self._take()
                 if not batch:
-                    if self._pending:  # each repeats the id of an event being written: wait for it
-                        self._slot_freed.clear()
-                        await self._slot_freed.wait()
+                    if self._pending:
+                        # Each repeats the id of an event being written: wait for a write to end
+                        # or another event to arrive.
+                        self._wakeup.clear()
+                        await self._wakeup.wait()
                     continue  # (else every queued caller had been cancelled)
                 self._inflight_ids.update(item[0][0].int for item in batch if item[3])
                 task = loop.create_task(self._write(batch))
@@ -239,6 +241,7 @@ class EventWriter:
     def _written(self, task: asyncio.Task[None]) -> None:
         del self._inflight[task]
         self._slot_freed.set()
+        self._wakeup.set()  # events that waited for this write to end can go now
         if not task.cancelled() and task.exception() is not None:
             log.error("EventWriter batch failed unexpectedly", exc_info=task.exception())
 
