@@ -306,6 +306,7 @@ _MAX_DEPTH = v.MAX_JSON_DEPTH
 _FAST_JSON_BYTES = v.MAX_JSON_BYTES // 8
 _NUL_ESCAPE = b"\\u0000"  # how orjson writes a NUL character (PostgreSQL's jsonb refuses it)
 _SLOW = object()  # "not on the fast path" (None is a valid value)
+_FLAT, _NESTED = 1, 2  # the shapes of a plain JSON value (see _plain_json)
 _EMPTY_OBJECT = JSONB_VERSION + b"{}"
 _dumps = orjson.dumps
 _JSONError = orjson.JSONEncodeError
@@ -314,8 +315,8 @@ _JSONError = orjson.JSONEncodeError
 def _fast_event(event: dict[str, Any], new: bool) -> tuple[_CheckedRow, bytes, Any] | None:
     """``(_check_event(event, "", new), dump_payload(...), stored)`` for an event on the fast
     path, else None. ``stored`` is a copy of the payload as the database will hand it back, when
-    that is cheap to make (a dict of strings, numbers, booleans and None, copied), else None:
-    decode the JSON text for it.
+    that is cheap to make (no container in it holds another: a copy of the dict or list, a list
+    for a tuple), else None: decode the JSON text for it.
 
     Accepts a subset of what ``check_event`` accepts and returns the same row: exact types only
     (no subclasses, but asyncpg's own UUID class), ASCII texts, a timestamp whose tzinfo is UTC
@@ -344,29 +345,8 @@ def _fast_event(event: dict[str, Any], new: bool) -> tuple[_CheckedRow, bytes, A
         stored: Any = {}
         text = _EMPTY_OBJECT
     else:
-        if type(payload) is dict:
-            # The usual payload, checked here: a dict, often of plain values only (then its copy
-            # is the payload as stored, much cheaper than decoding the JSON text).
-            flat = True
-            for item in payload.values():
-                t = type(item)
-                if t is str or item is None or t is bool:
-                    continue
-                if t is int:
-                    if -_MAX_INT <= item <= _MAX_INT:
-                        continue
-                    return None
-                if t is float:
-                    if item - item == 0.0:  # finite: inf - inf and nan - nan are nan
-                        continue
-                    return None
-                if not _plain_json(item, 1):
-                    return None
-                flat = False
-            stored = payload.copy() if flat else None
-        elif _plain_json(payload, 0):
-            stored = None
-        else:
+        shape = _plain_json(payload, 0)
+        if not shape:
             return None
         try:
             text = _dumps(payload)
@@ -378,6 +358,11 @@ def _fast_event(event: dict[str, Any], new: bool) -> tuple[_CheckedRow, bytes, A
         # costs more to keep than this copy.
         text = JSONB_VERSION + text
         data = payload
+        if shape == _FLAT:  # a copy is the payload as stored, much cheaper than decoding the text
+            t = type(payload)
+            stored = payload.copy() if t is dict else list(payload) if t is list or t is tuple else payload
+        else:
+            stored = None
     ts = get("timestamp")
     if ts is not None and (type(ts) is not _DATETIME or ts.tzinfo is not _UTC or ts in _INFINITE):
         return None
@@ -423,20 +408,21 @@ def _uuid_or_slow(value: Any) -> Any:
     return _SLOW
 
 
-def _plain_json(value: Any, depth: int) -> bool:
-    """True if ``value`` is made only of exact dicts, lists, tuples, strings, bools, None,
-    64-bit ints and finite floats, nested no deeper than check_json allows. Strings are not read
-    here: what check_json refuses in them (NUL, a lone surrogate) shows in, or stops, the
-    serialisation."""
+def _plain_json(value: Any, depth: int) -> int:
+    """``_FLAT`` or ``_NESTED`` if ``value`` is made only of exact dicts, lists, tuples, strings,
+    bools, None, 64-bit ints and finite floats, nested no deeper than check_json allows (``_FLAT``:
+    no container holds another), else 0. Strings are not read here: what check_json refuses in
+    them (NUL, a lone surrogate) shows in, or stops, the serialisation."""
     t = type(value)
     if t is dict:
         items: Any = value.values()
     elif t is list or t is tuple:
         items = value
     else:
-        return t is str or value is None or t is bool or _plain_scalar(value)
+        return _FLAT if t is str or value is None or t is bool or _plain_scalar(value) else 0
     if depth >= _MAX_DEPTH:
-        return False
+        return 0
+    shape = _FLAT
     for item in items:
         t = type(item)
         if t is str or item is None or t is bool:
@@ -444,14 +430,15 @@ def _plain_json(value: Any, depth: int) -> bool:
         if t is int:
             if -_MAX_INT <= item <= _MAX_INT:
                 continue
-            return False
+            return 0
         if t is float:
             if item - item == 0.0:  # finite: inf - inf and nan - nan are nan
                 continue
-            return False
+            return 0
         if not _plain_json(item, depth + 1):
-            return False
-    return True
+            return 0
+        shape = _NESTED
+    return shape
 
 
 def _plain_scalar(value: Any) -> bool:
