@@ -34,7 +34,7 @@ def new_id() -> uuid.UUID:
     millisecond in this process), then 62 random bits."""
     with _lock:
         at = _reserve(time.time_ns() // 1_000_000, 1)
-    return _from_bytes(_pack((at >> 12 & _MS_MASK) << 16 | _VERSION | at & 0xFFF, _VARIANT | _rand(62)))
+    return _made(at)
 
 
 def new_ids(n: int) -> list[uuid.UUID]:
@@ -44,11 +44,12 @@ def new_ids(n: int) -> list[uuid.UUID]:
         return []
     with _lock:
         first = _reserve(time.time_ns() // 1_000_000, n)
-    make, pack, rand, mask, version, variant = _from_bytes, _pack, _rand, _MS_MASK, _VERSION, _VARIANT
-    return [
-        make(pack((at >> 12 & mask) << 16 | version | at & 0xFFF, variant | rand(62)))
-        for at in range(first, first + n)
-    ]
+    return [_made(at) for at in range(first, first + n)]
+
+
+def _made(at: int) -> uuid.UUID:
+    """The id of ``at`` (``(ms << 12) | counter``, see ``_reserve``) with 62 new random bits."""
+    return _from_bytes(_pack((at >> 12 & _MS_MASK) << 16 | _VERSION | at & 0xFFF, _VARIANT | _rand(62)))
 
 
 def _reserve(ms: int, n: int) -> int:

@@ -253,16 +253,16 @@ def prepare_event(event: Mapping[str, Any]) -> tuple[EventRow, bytes]:
     return make_event(Event, (r[0], r[1], r[2], r[3], payload, r[5], r[6], r[7], r[8], r[9])), text
 
 
-# tuple.__new__ builds an Event from its fields in order, without the Python-level __new__ of a
-# NamedTuple, which binds ten arguments by name. Each Event made by ``prepare_batch`` and
-# ``prepare_event`` holds the event as a read would hand it back: every value is what is sent
-# (timestamps in UTC, as the database hands them back), and the payload is decoded from the very
-# JSON text sent (what follows jsonb's version byte: ``payload_json`` inlined), or for a dict of
-# plain values a copy, which is the same value; either way it shares nothing with the caller's.
-# JSONB keeps its values; what a read may spell differently is key order (dict equality ignores
-# it) and a float written with an exponent that is a whole number (1e+16 reads back as the equal
-# int 10000000000000000).
-make_event = cast(Callable[[type[Event], tuple[Any, ...]], EventRow], tuple.__new__)
+# tuple.__new__ builds an Event from its fields in order (a tuple, or a record read back), without
+# the Python-level __new__ of a NamedTuple, which binds ten arguments by name: half the cost. Each
+# Event made by ``prepare_batch`` and ``prepare_event`` holds the event as a read would hand it
+# back: every value is what is sent (timestamps in UTC, as the database hands them back), and the
+# payload is decoded from the very JSON text sent (what follows jsonb's version byte:
+# ``payload_json`` inlined), or for a payload with no nested container a copy, which is the same
+# value; either way it shares nothing with the caller's. JSONB keeps its values; what a read may
+# spell differently is key order (dict equality ignores it) and a float written with an exponent
+# that is a whole number (1e+16 reads back as the equal int 10000000000000000).
+make_event = cast(Callable[[type[Event], Iterable[Any]], Event], tuple.__new__)
 
 
 def dump_payload(value: Any, field: str) -> bytes:
