@@ -9,12 +9,13 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
 
 from dash_storage.core.config import Settings
-from dash_storage.core.database import Database
+from dash_storage.core.database import Connection, Database
 from dash_storage.core.errors import ConflictError, NotFoundError, ValidationError
 from dash_storage.migrations import MigrationRunner
 from dash_storage.migrations.files import builtin_migrations
@@ -24,8 +25,10 @@ from dash_storage.repositories.events import EventRepository
 from dash_storage.repositories.swarms import SwarmRepository
 from tests.conftest import TEST_DB, MakeDatabase, admin_connect, drop_database, recreate_database
 from tests.factories import make_agent, make_swarm, wait_until
+from tests.faults.databases import as_attempt
 
 UTC = dt.UTC
+T = TypeVar("T")
 
 
 async def _partition_of(db: Database, ts: dt.datetime) -> Any:
@@ -117,6 +120,48 @@ async def test_a_partition_dropped_behind_the_librarys_back_is_made_again(db: Da
     assert (await repo.find_by_id(again.id)) == again
     batch = await repo.create_many([{"swarm_id": swarm, "type": "b", "timestamp": when} for _ in range(3)])
     assert len(batch) == 3
+
+
+class LostThenPruned(Database):
+    """The first retried write runs once and its answer is lost (as if the connection dropped after
+    COMMIT); then ``prune`` drops a partition behind the library's back, and the write runs again
+    as a retry attempt."""
+
+    prune = ""
+
+    async def run(
+        self, fn: Callable[[Connection, int], Awaitable[T]], *, retry: bool = False, transaction: bool = False
+    ) -> T:
+        if not retry or not self.prune:
+            return await super().run(fn, retry=retry, transaction=transaction)
+        await super().run(as_attempt(fn, 1), transaction=transaction)
+        await self.execute(f'DROP TABLE "{self.prune}"')
+        self.prune = ""
+        return await super().run(as_attempt(fn, 2), transaction=transaction)
+
+
+@pytest.mark.parametrize("size", [4, 40], ids=["insert", "copy"])
+async def test_a_retry_that_finds_part_of_its_batch_pruned_stores_every_event_once(
+    db: Database, settings: Settings, size: int
+) -> None:
+    # The lost first attempt stored the whole batch; a prune then took the older day's half. The
+    # retry finds the newer half stored (its own rows, not a conflict) and the partition of the
+    # older half gone: that partition is made again and the retry goes on, storing that half.
+    swarm = await make_swarm(db)
+    days = [dt.datetime(1999, 6, 6, 12, tzinfo=UTC), dt.datetime(1999, 6, 7, 12, tzinfo=UTC)]
+    items = [{"swarm_id": swarm, "type": f"e{i}", "timestamp": days[i % 2]} for i in range(size)]
+    lossy = LostThenPruned(settings)
+    await lossy.initialize()
+    try:
+        lossy.prune = "events_p19990606_0000"
+        created = await EventRepository(lossy).create_many(items)
+    finally:
+        await lossy.close()
+    assert not lossy.prune  # the fault happened
+    assert [e.type for e in created] == [f"e{i}" for i in range(size)]
+    stored = await db.fetch("SELECT id, type, timestamp FROM events ORDER BY type")
+    assert sorted((e.id, e.type, e.timestamp) for e in created) == sorted(tuple(r) for r in stored)
+    assert await _partition_of(db, days[0]) is not None
 
 
 async def test_processes_racing_for_one_new_partition_all_write(

@@ -101,7 +101,7 @@ async def insert_one(db: Database, row: EventRow, *, id_given: bool = True) -> E
     elif row[5] is None:
         row = (*row[:5], stamp, *row[6:])
     try:
-        return await _with_partitions(db, (row,), lambda: db.run(insert, retry=True))
+        return await _with_partitions(db, (row,), insert)
     except ConflictError as exc:
         entity = missing_parent(exc)
         if entity is None:
@@ -110,19 +110,33 @@ async def insert_one(db: Database, row: EventRow, *, id_given: bool = True) -> E
 
 
 async def _with_partitions(
-    db: Database, rows: Sequence[Sequence[Any]], write: Callable[[], Awaitable[T]]
+    db: Database, rows: Sequence[Sequence[Any]], attempt: Callable[[Connection, int], Awaitable[T]]
 ) -> T:
-    """Run ``write`` on ``rows`` (each with its timestamp); if no partition held one of them
-    (another process pruned it since this one last looked), create it and run ``write`` once
-    more."""
+    """Run the retried write ``attempt`` of ``rows`` (each with its timestamp); if no partition
+    held one of them (another process pruned it since this one last looked), create it and
+    write again.
+
+    When the failed write had been retried, the write again goes on as a retry (its attempts
+    numbered after the last one): an attempt whose answer was lost may have stored part of what
+    it sent before the partition went, and only a retry attempt recognises such rows as its own
+    rather than as a conflict. A first attempt that failed wrote nothing, so the write starts
+    afresh."""
+    tries = 0
+
+    def counted(con: Connection, n: int) -> Awaitable[T]:
+        nonlocal tries
+        tries = n
+        return attempt(con, n)
+
     try:
-        return await write()
+        return await db.run(counted, retry=True)
     except DashStorageError as exc:
         if not partitions.missing_partition(exc):
             raise
     await partitions.forget(db)
     await partitions.cover_rows(db, rows)
-    return await write()
+    after = tries if tries > 1 else 0
+    return await db.run(lambda con, n: attempt(con, after + n), retry=True)
 
 
 async def insert_prepared(
@@ -157,9 +171,7 @@ async def insert_prepared(
         if found:
             raise _exists(found[0][0])
     try:
-        return await _with_partitions(
-            db, stamped, lambda: db.run(functools.partial(attempt, stamped, payloads), retry=True)
-        )
+        return await _with_partitions(db, stamped, functools.partial(attempt, stamped, payloads))
     except ConflictError as exc:
         entity = missing_parent(exc)
         if entity is None:
