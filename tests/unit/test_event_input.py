@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import inspect
 import uuid
 from collections import OrderedDict
@@ -189,6 +190,28 @@ def test_a_batch_holds_at_most_max_batch_events() -> None:
     assert len(check_batch(item for _ in range(MAX_BATCH))) == MAX_BATCH
     with pytest.raises(ValidationError, match="split the batch"):
         check_batch(item for _ in range(MAX_BATCH + 1))
+
+
+def test_a_batch_leaves_the_garbage_collector_as_it_found_it() -> None:
+    # The collector is paused while a batch is validated: it must come back on after a batch, a
+    # refused one too, and must stay off for a caller who had turned it off.
+    def seen_inside() -> Any:
+        yield {"swarm_id": SWARM, "type": "t"}
+        states.append(gc.isenabled())
+        yield {"swarm_id": SWARM, "type": ""}  # refused
+
+    assert gc.isenabled()
+    states: list[bool] = []
+    with pytest.raises(ValidationError):
+        prepare_batch(seen_inside())
+    assert states == [False] and gc.isenabled()
+    assert len(prepare_batch([{"swarm_id": SWARM, "type": "t"}])[0]) == 1 and gc.isenabled()
+    gc.disable()
+    try:
+        prepare_batch([{"swarm_id": SWARM, "type": "t"}])
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_prepare_serialises_the_validated_payload() -> None:

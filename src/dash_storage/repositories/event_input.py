@@ -15,6 +15,7 @@ event off that path, and every bad one, goes through ``check_event``, which name
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Required, TypedDict, cast
@@ -191,7 +192,26 @@ def prepare_batch(
 
     Making each row whole here, in one tuple, costs less than completing it later: a batch of a
     thousand events otherwise builds thousands of short-lived tuples, and the garbage collector
-    scans what is alive meanwhile."""
+    scans what is alive meanwhile.
+
+    Python's cyclic garbage collector is paused meanwhile (and then restored as it was): every
+    object made here is still in use when the call returns, so a collection could free none of
+    them, and each one it ran would scan the batch built so far and move it to an older
+    generation, which later full collections scan again (measured: about 15% of the client time
+    of ``create_many(1000)``). The pause lasts this one synchronous pass (a few milliseconds for
+    the largest batch, or as long as an iterator given as ``events`` takes); memory freed by
+    reference counting is freed as usual."""
+    if not gc.isenabled():
+        return _prepared(events, now)
+    gc.disable()
+    try:
+        return _prepared(events, now)
+    finally:
+        gc.enable()
+
+
+def _prepared(events: Any, now: dt.datetime | None) -> tuple[list[EventRow], list[bytes], list[uuid.UUID]]:
+    """``prepare_batch``, the garbage collector aside."""
     if isinstance(events, str | bytes | Mapping) or not isinstance(events, Iterable):
         raise ValidationError("events", "must be a list of events (mappings)")
     rows: list[EventRow] = []
