@@ -8,7 +8,7 @@ import inspect
 import uuid
 from collections import OrderedDict
 from enum import IntEnum
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 import pytest
@@ -21,6 +21,7 @@ from dash_storage.core.models import Event
 from dash_storage.repositories.event_input import (
     FIELDS,
     MAX_BATCH,
+    PAUSE_GC_BATCH,
     REQUIRED,
     EventFields,
     EventInput,
@@ -192,26 +193,40 @@ def test_a_batch_holds_at_most_max_batch_events() -> None:
         check_batch(item for _ in range(MAX_BATCH + 1))
 
 
-def test_a_batch_leaves_the_garbage_collector_as_it_found_it() -> None:
-    # The collector is paused while a batch is validated: it must come back on after a batch, a
-    # refused one too, and must stay off for a caller who had turned it off.
-    def seen_inside() -> Any:
-        yield {"swarm_id": SWARM, "type": "t"}
-        states.append(gc.isenabled())
-        yield {"swarm_id": SWARM, "type": ""}  # refused
+class Watching(OrderedDict[str, Any]):
+    """An event mapping (not a plain dict, so it is read through the full checks) that records
+    whether the garbage collector is on whenever it is read."""
 
+    seen: ClassVar[list[bool]] = []
+
+    def __getitem__(self, key: str) -> Any:
+        Watching.seen.append(gc.isenabled())
+        return super().__getitem__(key)
+
+
+def test_a_big_batch_pauses_the_garbage_collector_and_leaves_it_as_it_found_it() -> None:
+    item = {"swarm_id": SWARM, "type": "t"}
+    watched = [Watching(item) for _ in range(PAUSE_GC_BATCH)]
     assert gc.isenabled()
-    states: list[bool] = []
+    Watching.seen = []
+    prepare_batch(watched)
+    assert Watching.seen and not any(Watching.seen) and gc.isenabled()
+    # Back on after a refused batch too.
     with pytest.raises(ValidationError):
-        prepare_batch(seen_inside())
-    assert states == [False] and gc.isenabled()
-    assert len(prepare_batch([{"swarm_id": SWARM, "type": "t"}])[0]) == 1 and gc.isenabled()
+        prepare_batch([*watched[1:], {"swarm_id": SWARM, "type": ""}])
+    assert gc.isenabled()
+    # Left off for a caller who had turned it off.
     gc.disable()
     try:
-        prepare_batch([{"swarm_id": SWARM, "type": "t"}])
+        prepare_batch(watched)
         assert not gc.isenabled()
     finally:
         gc.enable()
+    # Small batches, and iterators (their code is the caller's), run with the collector as it is.
+    Watching.seen = []
+    prepare_batch(watched[1:])
+    prepare_batch(iter(watched))
+    assert Watching.seen and all(Watching.seen)
 
 
 def test_prepare_serialises_the_validated_payload() -> None:

@@ -110,23 +110,23 @@ async def insert_one(db: Database, row: EventRow, *, id_given: bool = True) -> E
 
 
 async def _with_partitions(
-    db: Database, rows: Sequence[Sequence[Any]], attempt: Callable[[Connection, int], Awaitable[T]]
+    db: Database, rows: Sequence[Sequence[Any]], write: Callable[[Connection, int], Awaitable[T]]
 ) -> T:
-    """Run the retried write ``attempt`` of ``rows`` (each with its timestamp); if no partition
-    held one of them (another process pruned it since this one last looked), create it and
-    write again.
+    """Run ``write(con, attempt)`` of ``rows`` (each with its timestamp), retried; if no partition
+    held one of them (another process pruned it since this one last looked), create it and write
+    again.
 
-    When the failed write had been retried, the write again goes on as a retry (its attempts
-    numbered after the last one): an attempt whose answer was lost may have stored part of what
-    it sent before the partition went, and only a retry attempt recognises such rows as its own
-    rather than as a conflict. A first attempt that failed wrote nothing, so the write starts
-    afresh."""
+    ``write`` must make its first attempt one statement, which either stores everything or
+    nothing, and must recognise, on any later attempt, rows an attempt whose answer was lost
+    stored. So when the write that failed had been retried, the write again goes on as a retry
+    (its attempts numbered after the last one): such rows are its own, not a conflict. A first
+    attempt that failed stored nothing, and the write starts afresh."""
     tries = 0
 
     def counted(con: Connection, n: int) -> Awaitable[T]:
         nonlocal tries
         tries = n
-        return attempt(con, n)
+        return write(con, n)
 
     try:
         return await db.run(counted, retry=True)
@@ -136,7 +136,7 @@ async def _with_partitions(
     await partitions.forget(db)
     await partitions.cover_rows(db, rows)
     after = tries if tries > 1 else 0
-    return await db.run(lambda con, n: attempt(con, after + n), retry=True)
+    return await db.run(lambda con, n: write(con, after + n), retry=True)
 
 
 async def insert_prepared(

@@ -33,6 +33,7 @@ __all__ = [
     "FIELDS",
     "JSONB_VERSION",
     "MAX_BATCH",
+    "PAUSE_GC_BATCH",
     "REQUIRED",
     "SEVERITIES",
     "EventFields",
@@ -51,6 +52,10 @@ ENTITY_TYPES = frozenset(e.value for e in EntityType)
 SEVERITIES = frozenset(s.value for s in Severity)
 #: Most events ``create_many`` accepts in one call (one statement; split bigger batches).
 MAX_BATCH = 10_000
+#: The fewest items (of a list or tuple) for which ``prepare_batch`` pauses the garbage collector:
+#: by default a collection is due every 700 new container objects, which a batch makes in a few
+#: hundred events.
+PAUSE_GC_BATCH = 64
 #: The first byte of jsonb's binary form (then the JSON text): how payloads are kept and sent.
 JSONB_VERSION = b"\x01"
 
@@ -190,18 +195,16 @@ def prepare_batch(
     their payloads serialised in the same order, and the ids the caller gave (only those can be
     stored already).
 
-    Making each row whole here, in one tuple, costs less than completing it later: a batch of a
-    thousand events otherwise builds thousands of short-lived tuples, and the garbage collector
-    scans what is alive meanwhile.
-
-    Python's cyclic garbage collector is paused meanwhile (and then restored as it was): every
-    object made here is still in use when the call returns, so a collection could free none of
-    them, and each one it ran would scan the batch built so far and move it to an older
-    generation, which later full collections scan again (measured: about 15% of the client time
-    of ``create_many(1000)``). The pause lasts this one synchronous pass (a few milliseconds for
-    the largest batch, or as long as an iterator given as ``events`` takes); memory freed by
-    reference counting is freed as usual."""
-    if not gc.isenabled():
+    Making each row whole here, in one tuple, costs less than completing it later, and for a
+    list or tuple of ``PAUSE_GC_BATCH`` items or more, Python's cyclic garbage collector is paused
+    during this one synchronous pass (then turned on again if it was on). What the pass makes is
+    still in use when it ends, so a collection mid-batch frees nothing; it only moves the batch's
+    objects into older generations, which brings on the full collections that scan every object
+    of the process. The pause covers no caller code but the items' own mapping methods; memory
+    freed by reference counting is freed as usual. A thread that turns the collector off during
+    the pass finds it on again afterwards."""
+    big = (type(events) is list or type(events) is tuple) and len(events) >= PAUSE_GC_BATCH
+    if not big or not gc.isenabled():
         return _prepared(events, now)
     gc.disable()
     try:
