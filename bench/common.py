@@ -17,6 +17,7 @@ import asyncpg
 
 from dash_storage.core.config import load_settings
 from dash_storage.core.database import Database
+from dash_storage.core.errors import DashStorageError
 from dash_storage.migrations.runner import MigrationRunner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +69,16 @@ async def raw_pool(db: Database, *, min_size: int, max_size: int) -> asyncpg.Poo
     pool = await asyncpg.create_pool(min_size=min_size, max_size=max_size, init=init, **kwargs)
     assert pool is not None
     return pool
+
+
+async def checkpoint(db: Database) -> None:
+    """Write out what earlier work left in the server's buffers, so that it is not flushed in the
+    middle of the next measurement, on one side's rounds more than the other's (skipped where the
+    role may not run CHECKPOINT)."""
+    try:
+        await db.execute("CHECKPOINT")
+    except DashStorageError:
+        pass
 
 
 async def run_ops(op: Callable[[int], Awaitable[object]], total: int, concurrency: int) -> float:

@@ -29,6 +29,7 @@ import orjson
 from bench import partitions as log_loader  # its server-side generator of a log
 from bench.common import (
     Comparison,
+    checkpoint,
     compare,
     machine,
     raw_pool,
@@ -249,7 +250,7 @@ def _log_events() -> int:
     return n
 
 
-async def run_single_row(total: int = 2000, pool_size: int = 16, rounds: int = 9) -> str:
+async def run_single_row(total: int = 1200, pool_size: int = 16, rounds: int = 15) -> str:
     log_size = _log_events()
     async with scratch_database(
         "dash_bench_rows", postgres_min_pool_size=pool_size, postgres_max_pool_size=pool_size
@@ -351,6 +352,7 @@ async def run_single_row(total: int = 2000, pool_size: int = 16, rounds: int = 9
                 continue
             name, ours, raw, n, concurrencies = case
             for concurrency in concurrencies:
+                await checkpoint(db)
                 r_ours, c_ours, r_raw, c_raw, paired = await compare_cpu(ours, raw, n, concurrency, rounds)
                 line = (
                     f"| {name} | {concurrency} | {r_ours:,.0f} | {r_raw:,.0f} | {r_ours / r_raw:.2f}x "
@@ -364,11 +366,13 @@ async def run_single_row(total: int = 2000, pool_size: int = 16, rounds: int = 9
             "## Single-row repository workloads versus raw asyncpg (no pool reset)",
             "",
             f"Measured {today()} on {machine()}, PostgreSQL {version}, uvloop.",
-            f'Median of {rounds} interleaved rounds ("paired rounds": the median of each round\'s own '
-            "ratio, its two sides run back to back); "
+            f"Median of {rounds} interleaved rounds of {total:,} operations a side (the agent lifecycle "
+            f'and find_by_filter: {total // 2:,}); "paired rounds": the median of each round\'s own '
+            "ratio, its two sides run back to back; "
             f"pools of {pool_size} connections; raw asyncpg runs "
             "the same SQL on a pool that does not reset connections on release; CPU is the client's "
-            "process time per op. The consumes (one budget, no key: `CONSUME_NEW` on both sides) take "
+            "process time per op; each comparison starts after a CHECKPOINT. The consumes (one "
+            "budget, no key: `CONSUME_NEW` on both sides) take "
             "turns in the library, at most two sent at once (`budget_turns`); raw asyncpg sends all of "
             f"them at once. Before the event workloads the events table gets {log_size:,} events (30 days, "
             "5 swarms, the type mix of the queries benchmark, generated server-side); find_by_filter "
@@ -388,8 +392,8 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="repositories versus raw asyncpg (prints the tables)")
     parser.add_argument("--single-row", action="store_true", help="only the single-row workloads")
-    parser.add_argument("--total", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--total", type=int, default=1200)
+    parser.add_argument("--rounds", type=int, default=15)
     opts = parser.parse_args()
     if opts.single_row:
         print(run_loop(run_single_row(opts.total, rounds=opts.rounds)))
