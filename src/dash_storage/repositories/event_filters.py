@@ -67,11 +67,10 @@ PARTS = frozenset(
     + [f"part_order_{o.lower()}" for o in ORDERS]
 )
 _PARAMETER = re.compile(r"\$(\d+)")
-# Which filters are given (a flag per filter, in FILTERS order) -> their names.
-_GIVEN = {
-    flags: tuple(name for name, given in zip(FILTERS, flags, strict=True) if given)
-    for flags in itertools.product((False, True), repeat=len(FILTERS))
-}
+# The names of the filters given, by a mask with bit k set when FILTERS[k] is given.
+_GIVEN = tuple(
+    tuple(name for k, name in enumerate(FILTERS) if mask >> k & 1) for mask in range(1 << len(FILTERS))
+)
 
 
 def check_filters(
@@ -84,29 +83,52 @@ def check_filters(
     until: Any = None,
 ) -> tuple[tuple[str, ...], list[Any]] | None:
     """Validate the filters: (the names of those given, in ``FILTERS`` order; their values), or
-    None when nothing can match (``types=[]``)."""
-    sid = v.check_uuid(swarm_id, "swarm_id", optional=True)
-    aid = v.check_uuid(agent_id, "agent_id", optional=True)
+    None when nothing can match (``types=[]``).
+
+    This runs before every read of the log, so it stays lean: a filter left out costs one test,
+    and a list or tuple of plain type names skips the general iterable and text checks, which
+    give the same verdict (any other value goes through them, and they name what is wrong).
+    """
+    values: list[Any] = []
+    mask = 0
+    if swarm_id is not None:
+        values.append(swarm_id if isinstance(swarm_id, uuid.UUID) else v.check_uuid(swarm_id, "swarm_id"))
+        mask = 1
+    if agent_id is not None:
+        values.append(agent_id if isinstance(agent_id, uuid.UUID) else v.check_uuid(agent_id, "agent_id"))
+        mask |= 2
     type_list: list[str] | None = None
     if types is not None:
-        if isinstance(types, str | bytes) or not isinstance(types, Iterable):
-            raise ValidationError("types", "must be a list of event types")
+        if types.__class__ is not list and types.__class__ is not tuple:
+            if isinstance(types, str | bytes) or not isinstance(types, Iterable):
+                raise ValidationError("types", "must be a list of event types")
         type_list = []
         for t in types:
-            checked = v.check_text(t, "types", allow_empty=False)
-            assert checked is not None
-            type_list.append(checked)
+            if t.__class__ is str and 0 < len(t) <= v.SHORT_TEXT and t.isascii() and "\x00" not in t:
+                if t.isspace():
+                    raise ValidationError("types", "must not be empty")
+                type_list.append(t)
+            else:
+                type_list.append(v.check_text(t, "types", allow_empty=False))
         if len(type_list) > v.MAX_LIMIT:
             raise ValidationError("types", f"holds more than {v.MAX_LIMIT} types")
-    et = v.check_choice(entity_type, ENTITY_TYPES, "entity_type", optional=True)
-    sev = v.check_choice(severity, SEVERITIES, "severity", optional=True)
-    lo = v.check_timestamp(since, "since", optional=True)
-    hi = v.check_timestamp(until, "until", optional=True)
+        values.append(type_list)
+        mask |= 4
+    if entity_type is not None:
+        values.append(v.check_choice(entity_type, ENTITY_TYPES, "entity_type"))
+        mask |= 8
+    if severity is not None:
+        values.append(v.check_choice(severity, SEVERITIES, "severity"))
+        mask |= 16
+    if since is not None:
+        values.append(v.check_timestamp(since, "since"))
+        mask |= 32
+    if until is not None:
+        values.append(v.check_timestamp(until, "until"))
+        mask |= 64
     if type_list is not None and not type_list:
         return None
-    values = (sid, aid, type_list, et, sev, lo, hi)
-    given = _GIVEN[tuple([value is not None for value in values])]
-    return given, [value for value in values if value is not None]
+    return _GIVEN[mask], values
 
 
 @functools.cache

@@ -42,7 +42,7 @@ from dash_storage.repositories.event_input import (
     EventFields,
     EventInput,
     check_event,
-    make_event,
+    events_of,
     prepare_batch,
 )
 from dash_storage.stream import cursors
@@ -148,8 +148,11 @@ class EventRepository(Repository):
         ``types=[]`` matches nothing.
         """
         given = check_filters(swarm_id, agent_id, types, entity_type, severity, since, until)
-        lim = v.check_limit(limit)
-        direction = _direction(order)
+        # The usual limit and order are taken as they are; anything else gets the full checks.
+        lim = limit if limit.__class__ is int and 0 < limit <= v.MAX_LIMIT else v.check_limit(limit)
+        direction = _ORDERS.get(order) if order.__class__ is str else None
+        if direction is None:
+            direction = _direction(order)
         cursor = decode_cursor(after) if after is not None else None
         if given is None:
             return []
@@ -159,7 +162,7 @@ class EventRepository(Repository):
             params.extend(cursor)
         statement = select_sql(filters, direction, cursor is not None)
         rows = await self.db.fetch(statement, *params, retry=True, replica=True)
-        return [make_event(Event, r) for r in rows]
+        return events_of(rows)
 
     async def count(self, **filters: Unpack[EventFilters]) -> int:
         """Number of events matching every given filter (the filters of ``find_by_filter``)."""
@@ -253,6 +256,9 @@ def _id(value: Any, field: str = "id") -> uuid.UUID:
 def _hours(value: Any, field: str = "hours") -> float:
     """A window length in hours: a finite, non-negative number (int, float or Decimal)."""
     return v.check_duration(value, field, maximum=MAX_HOURS, allow_zero=True)
+
+
+_ORDERS = {"asc": "ASC", "desc": "DESC"}
 
 
 def _direction(value: Any) -> str:
