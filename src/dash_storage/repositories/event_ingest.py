@@ -78,7 +78,7 @@ async def insert_one(db: Database, row: EventRow, *, id_given: bool = True) -> E
             stored = await con.fetchrow(INSERT_EVENT, *row)
             if stored is None:
                 raise _exists(row[0])
-            return Event(*stored)
+            return make_event(Event, stored[:])
         # An id that may be stored already, with this or another timestamp (the key is (id,
         # timestamp)); on a retry it may be our own row, written by the attempt whose answer was
         # lost. Found and written in one statement.
@@ -88,9 +88,9 @@ async def insert_one(db: Database, row: EventRow, *, id_given: bool = True) -> E
             if found is None:
                 raise _exists(row[0])
         if found[0]:
-            return Event(*found[1:])
+            return make_event(Event, found[1:])
         if attempt > 1 and _is_ours(found[1:], row, dump_payload(row[4], "payload")):
-            return Event(*found[1:])
+            return make_event(Event, found[1:])
         raise _not_ours(row[0]) if attempt > 1 else _exists(row[0])
 
     stamp = partitions.ready(db, row[5])  # usually: the partitions known hold it, nothing to await

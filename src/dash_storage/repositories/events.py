@@ -43,6 +43,7 @@ from dash_storage.repositories.event_input import (
     EventInput,
     check_event,
     events_of,
+    make_event,
     prepare_batch,
 )
 from dash_storage.stream import cursors
@@ -108,7 +109,7 @@ class EventRepository(Repository):
     async def find_by_id(self, id: uuid.UUID | str) -> Event | None:
         """The event with this id, or None."""
         row = await self.db.fetchrow(SELECT_EVENT_BY_ID, _id(id), retry=True, replica=True)
-        return Event(*row) if row is not None else None
+        return make_event(Event, row[:]) if row is not None else None
 
     async def find_by_agent_id(
         self, agent_id: uuid.UUID | str, limit: int | None = None, since: dt.datetime | None = None
