@@ -99,12 +99,12 @@ def check_filters(
         mask |= 2
     type_list: list[str] | None = None
     if types is not None:
-        if types.__class__ is not list and types.__class__ is not tuple:
+        if type(types) is not list and type(types) is not tuple:
             if isinstance(types, str | bytes) or not isinstance(types, Iterable):
                 raise ValidationError("types", "must be a list of event types")
         type_list = []
         for t in types:
-            if t.__class__ is str and 0 < len(t) <= v.SHORT_TEXT and t.isascii() and "\x00" not in t:
+            if type(t) is str and 0 < len(t) <= v.SHORT_TEXT and t.isascii() and "\x00" not in t:
                 if t.isspace():
                     raise ValidationError("types", "must not be empty")
                 type_list.append(t)

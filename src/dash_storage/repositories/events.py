@@ -150,8 +150,8 @@ class EventRepository(Repository):
         """
         given = check_filters(swarm_id, agent_id, types, entity_type, severity, since, until)
         # The usual limit and order are taken as they are; anything else gets the full checks.
-        lim = limit if limit.__class__ is int and 0 < limit <= v.MAX_LIMIT else v.check_limit(limit)
-        direction = _ORDERS.get(order) if order.__class__ is str else None
+        lim = limit if type(limit) is int and 0 < limit <= v.MAX_LIMIT else v.check_limit(limit)
+        direction = _ORDERS.get(order) if type(order) is str else None
         if direction is None:
             direction = _direction(order)
         cursor = decode_cursor(after) if after is not None else None
