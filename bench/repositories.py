@@ -214,7 +214,7 @@ async def plain_pool(db: Database, size: int) -> asyncpg.Pool:
 
 async def _side(op: Op, total: int, concurrency: int) -> tuple[float, float]:
     # Each side starts from the same collector state: a full collection left pending by the other
-    # side's garbage would otherwise land in this round (tens of ms in a round of about 0.5 s).
+    # side's garbage would otherwise land in this round (tens of ms, in rounds of 0.2 to 1.5 s).
     gc.collect()
     cpu = time.process_time()
     rate = await run_ops(op, total, concurrency)
@@ -397,7 +397,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="repositories versus raw asyncpg (prints the tables)")
     parser.add_argument("--single-row", action="store_true", help="only the single-row workloads")
     parser.add_argument("--total", type=int, default=1200)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=21)
     opts = parser.parse_args()
     if opts.single_row:
         print(run_loop(run_single_row(opts.total, rounds=opts.rounds)))

@@ -1,7 +1,8 @@
 -- The event log (repositories/events.py, event_ingest.py, event_filters.py).
 --
 -- Every statement that hands back events returns the columns of core.models.Event, in its field
--- order; the statement registry test checks that against the server.
+-- order, as the last columns of its result (an Event is cut from the row's tail, with no count of
+-- fields to catch an extra one); the statement registry test checks that against the server.
 --
 -- The names starting with "part_" are not statements: event_filters.py composes them into the
 -- reads of find_by_filter and count (one statement per set of filters, so that every filter is a
