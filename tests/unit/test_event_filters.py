@@ -10,7 +10,6 @@ import uuid
 import pytest
 
 from dash_storage import sql
-from dash_storage.core import validation as v
 from dash_storage.core.errors import DashStorageError, ValidationError
 from dash_storage.repositories.event_filters import (
     FILTERS,
@@ -126,29 +125,3 @@ def test_the_batch_inserts_share_their_insert() -> None:
     assert words.startswith(head) and words.endswith(tail)
     insert = words[len(head) : -len(tail)].strip()
     assert " ".join(retry.split('ON CONFLICT (id, "timestamp") DO NOTHING', 1)[0].split()) == insert
-
-
-class Name(str):
-    pass
-
-
-@pytest.mark.parametrize(
-    "name",
-    ["agent.step", "événement", Name("agent.step"), " padded ", "x" * 255, "x" * 256, " ", "\t\n", "",
-     "a\x00b", "\ud800", 3, b"agent.step", None],
-)  # fmt: skip
-def test_a_type_name_gets_the_verdict_of_the_text_check(name: object) -> None:
-    # Plain names in a list or tuple take a shorter way than other iterables; both must agree with
-    # the text check, value and error alike.
-    try:
-        expected: object = v.check_text(name, "types", allow_empty=False)
-    except ValidationError as exc:
-        expected = (exc.field, str(exc))
-    for container in (list, tuple, iter):
-        try:
-            got = check_filters(None, None, container([name]), None, None, None, None)
-        except ValidationError as exc:
-            assert (exc.field, str(exc)) == expected
-        else:
-            assert got == (("types",), [[expected]])
-            assert type(got[1][0][0]) is type(name)

@@ -116,10 +116,25 @@ def test_text_refuses_what_postgres_cannot_store() -> None:
 
 def test_empty_text_is_refused_only_when_asked() -> None:
     assert v.check_text("", "label") == ""
-    with refused("name", "must not be empty"):
-        v.check_text("  \t", "name", allow_empty=False)
+    assert v.check_text(" \x1c", "label") == " \x1c"
+    for blank in ("", "  \t", "\x1c\x1f", "\u2003 "):  # ASCII and not (str.strip's whitespace)
+        with refused("name", "must not be empty"):
+            v.check_text(blank, "name", allow_empty=False)
+    assert v.check_text(" a ", "name", allow_empty=False) == " a "
     with refused("name", "must be a string, got int"):
         v.check_text(5, "name")
+    with refused("name", "must be a string, got bytes"):
+        v.check_text(b"a", "name")
+
+
+def test_a_str_subclass_is_accepted_as_it_is() -> None:
+    class Name(str):
+        pass
+
+    name = Name("agent.step")
+    assert v.check_text(name, "types", allow_empty=False) is name
+    with refused("types", "must not contain NUL characters"):
+        v.check_text(Name("a\x00"), "types")
 
 
 # -- choices, integers, booleans -----------------------------------------------------------------------
@@ -323,6 +338,10 @@ def test_limit_and_offset() -> None:
         v.check_limit(0)
     with refused("limit", f"got {v.MAX_LIMIT + 1}"):
         v.check_limit(v.MAX_LIMIT + 1)
+    with refused("limit", "must be an integer, got bool"):
+        v.check_limit(True)
+    with refused("limit", "must be an integer, got float"):
+        v.check_limit(5.0)
     assert v.check_offset(None) == 0
     with refused("offset", "got -1"):
         v.check_offset(-1)

@@ -83,6 +83,11 @@ def check_text(
 def check_text(
     value: Any, field: str, *, max_length: int = SHORT_TEXT, optional: bool = False, allow_empty: bool = True
 ) -> str | None:
+    if type(value) is str and len(value) <= max_length and value.isascii() and "\x00" not in value:
+        # The usual text, on the path of every write and read: only emptiness can be wrong with it.
+        if allow_empty or (value and not value.isspace()):
+            return value
+        raise ValidationError(field, "must not be empty")
     if value is None:
         if optional:
             return None
@@ -307,6 +312,8 @@ def check_duration(value: Any, field: str, *, maximum: float, allow_zero: bool =
 def check_limit(
     value: Any, field: str = "limit", *, default: int = DEFAULT_LIMIT, maximum: int = MAX_LIMIT
 ) -> int:
+    if type(value) is int and 0 < value <= maximum:
+        return value
     if value is None:
         return default
     return check_int(value, field, minimum=1, maximum=maximum)

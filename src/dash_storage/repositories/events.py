@@ -149,11 +149,8 @@ class EventRepository(Repository):
         ``types=[]`` matches nothing.
         """
         given = check_filters(swarm_id, agent_id, types, entity_type, severity, since, until)
-        # The usual limit and order are taken as they are; anything else gets the full checks.
-        lim = limit if type(limit) is int and 0 < limit <= v.MAX_LIMIT else v.check_limit(limit)
-        direction = _ORDERS.get(order) if type(order) is str else None
-        if direction is None:
-            direction = _direction(order)
+        lim = v.check_limit(limit)
+        direction = _direction(order)
         cursor = decode_cursor(after) if after is not None else None
         if given is None:
             return []
@@ -263,6 +260,9 @@ _ORDERS = {"asc": "ASC", "desc": "DESC"}
 
 
 def _direction(value: Any) -> str:
+    direction = _ORDERS.get(value) if type(value) is str else None
+    if direction is not None:
+        return direction
     if isinstance(value, str) and value.lower() in ("asc", "desc"):
         return value.upper()
     raise ValidationError("order", f"must be 'asc' or 'desc', got {value!r}")
